@@ -1,0 +1,1 @@
+"""rlfeed's contracts: event models, the topic registry and the JSON codec."""

@@ -1,0 +1,1 @@
+"""rlfeed's long-running processes (one sub-package each) and the libraries they share."""

@@ -1,0 +1,1 @@
+"""ClickHouse access shared by every process: clients from URLs and versioned migrations."""

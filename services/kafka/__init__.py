@@ -1,0 +1,1 @@
+"""Kafka client helpers shared by every process: URLs, topic admin, the embedded broker."""
