@@ -8,6 +8,7 @@ which names the offending field and keeps the original bytes for the dead-letter
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import TypeVar
 
 import orjson
@@ -87,8 +88,17 @@ def dead_letter(
     partition: int = -1,
     offset: int = -1,
 ) -> DeadLetterEvent:
-    """The dead-letter event for rejected input, carrying the original bytes."""
+    """The dead-letter event for rejected input, carrying the original bytes.
+
+    Input from Kafka (offset >= 0) gets a deterministic event id, so a redelivered bad
+    message produces the same dead letter again and downstream deduplicates it.
+    """
+    fields = {}
+    if offset >= 0:
+        origin = f"{rejected_by}|{source_topic}|{partition}|{offset}".encode()
+        fields["event_id"] = hashlib.sha256(origin).hexdigest()[:32]
     return DeadLetterEvent(
+        **fields,
         source_topic=source_topic,
         source_partition=partition,
         source_offset=offset,

@@ -28,9 +28,12 @@ Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Z
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 TimeMs = Annotated[int, Field(ge=0, le=10**14, description="Milliseconds since the Unix epoch.")]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(max_length=MAX_TOKENS)]
-Logprobs = Annotated[
-    list[Annotated[float, Field(le=0.0, ge=-1e4, allow_inf_nan=False)]], Field(max_length=MAX_TOKENS)
+Logprobs = Annotated[list[Annotated[float, Field(le=0.0, ge=-1e4, allow_inf_nan=False)]], Field(max_length=MAX_TOKENS)]
+Metrics = Annotated[
+    dict[Annotated[str, Field(max_length=MAX_ID_CHARS)], Annotated[float, Field(allow_inf_nan=False)]],
+    Field(max_length=MAX_COMPONENTS),
 ]
+"""Named figures (reward components, eval metrics, arm statistics)."""
 
 
 def now_ms() -> int:
@@ -109,7 +112,7 @@ class GenerationEvent(Event):
     def _logprobs_match_tokens(self) -> GenerationEvent:
         if len(self.completion_logprobs) != len(self.completion_token_ids):
             raise ValueError(
-                f"completion_logprobs has {len(self.completion_logprobs)} entries, "
+                f"completion_logprobs: has {len(self.completion_logprobs)} entries, "
                 f"completion_token_ids has {len(self.completion_token_ids)}; they must match"
             )
         return self
@@ -197,7 +200,7 @@ class SampleEvent(Event):
     completion_logprobs: Logprobs
     reward: Annotated[float, Field(ge=-1e3, le=1e3, allow_inf_nan=False)]
     """The composite reward the trainer optimises."""
-    reward_components: Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_COMPONENTS)]
+    reward_components: Metrics
     """Each reward function's contribution, kept for audit."""
     feedback_event_ids: Annotated[list[Id], Field(max_length=4096)]
     settle_reason: SettleReason
@@ -229,9 +232,7 @@ class ModelUpdateEvent(Event):
     weights_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     """Checksum of the reconstructed weights, so replicas verify bit-exactness."""
     size_bytes: Annotated[int, Field(ge=0)]
-    eval_metrics: Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_COMPONENTS)] = (
-        Field(default_factory=dict)
-    )
+    eval_metrics: Metrics = Field(default_factory=dict)
     """The eval gate's figures for this version."""
     rollback: bool = False
     """True when an operator republished an earlier version."""
@@ -298,7 +299,5 @@ class RolloutEvent(Event):
     """Share of new users sent to the candidate."""
     decision: RolloutDecision
     reason: Annotated[str, Field(max_length=4096)] = ""
-    arms: Annotated[dict[str, Annotated[float, Field(allow_inf_nan=False)]], Field(max_length=MAX_COMPONENTS)] = Field(
-        default_factory=dict
-    )
+    arms: Metrics = Field(default_factory=dict)
     """Per-arm counts and statistics behind the decision."""

@@ -60,8 +60,22 @@ MODEL_UPDATES = Topic("model-updates.v1", ModelUpdateEvent, "model", 1, compacte
 REPLICA_STATUS = Topic("replica-status.v1", ReplicaStatusEvent, "replica_id", 1, retention_ms=3 * DAY_MS)
 DLQ = Topic("dlq.v1", DeadLetterEvent, "key_b64", 1, retention_ms=30 * DAY_MS)
 ROLLOUTS = Topic("rollouts.v1", RolloutEvent, "model", 1, compacted=True, retention_ms=None)
+# Internal: the streams join's state (streams/changelog.py), one partition per join partition.
+# Its values are join state, not events; `event` names the generation the state is about.
+JOIN_CHANGELOG = Topic(
+    "streams-join-changelog.v1", GenerationEvent, "generation_id", JOIN_PARTITIONS, compacted=True, retention_ms=None
+)
 
-ALL_TOPICS: tuple[Topic, ...] = (GENERATIONS, FEEDBACK, SAMPLES, MODEL_UPDATES, REPLICA_STATUS, DLQ, ROLLOUTS)
+ALL_TOPICS: tuple[Topic, ...] = (
+    GENERATIONS,
+    FEEDBACK,
+    SAMPLES,
+    MODEL_UPDATES,
+    REPLICA_STATUS,
+    DLQ,
+    ROLLOUTS,
+    JOIN_CHANGELOG,
+)
 BY_NAME: dict[str, Topic] = {t.name: t for t in ALL_TOPICS}
 
 

@@ -28,6 +28,11 @@ class RlfeedSettings(BaseSettings):
     """Log level for the JSON log lines (debug, info, warning, error)."""
 
     @property
+    def default_model_dir(self) -> Path:
+        """Where `rlfeed model build` puts the policy model unless told otherwise."""
+        return self.home_dir / "models" / "smollm2-135m-instruct"
+
+    @property
     def embedded_clickhouse_url(self) -> str:
         """The chdb URL the embedded stack uses when clickhouse_url is unset."""
         return f"chdb://{(self.home_dir / 'clickhouse').resolve()}"

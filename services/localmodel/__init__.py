@@ -1,0 +1,1 @@
+"""The small local policy model: built once from a registry package, loaded offline."""

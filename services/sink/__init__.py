@@ -1,0 +1,1 @@
+"""The ClickHouse sink: every topic into its table, idempotently, offsets after inserts."""

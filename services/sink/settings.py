@@ -1,0 +1,20 @@
+"""Settings of the ClickHouse sink process."""
+
+from __future__ import annotations
+
+from services.config import RlfeedSettings
+
+
+class SinkSettings(RlfeedSettings):
+    """`rlfeed sink`: every topic into ClickHouse. Env prefix `RLFEED_`."""
+
+    sink_group_id: str = "rlfeed-sink"
+    """Kafka consumer group of the sink (one group reads every topic)."""
+    sink_batch_max_events: int = 5000
+    """Most messages inserted per batch."""
+    sink_batch_max_wait_s: float = 1.0
+    """Longest a batch waits to fill before it is inserted."""
+    sink_retry_initial_s: float = 0.5
+    """First back-off after a failed insert; doubles up to sink_retry_max_s."""
+    sink_retry_max_s: float = 30.0
+    """Longest back-off between insert retries (retries go on until ClickHouse answers)."""

@@ -1,0 +1,168 @@
+"""The sink loop: consume every registry topic, insert rows, then commit offsets.
+
+Ordering, per batch (the only place it is written down):
+  1. Poll up to `sink_batch_max_events` messages, waiting at most `sink_batch_max_wait_s`.
+  2. Decode each; an invalid message becomes a dead letter with the original bytes and a
+     deterministic event id. It is produced to dlq.v1 (and so reaches the dead_letters
+     table when the sink reads dlq.v1 back); an invalid message *on* dlq.v1 goes straight
+     into dead_letters, so nothing loops.
+  3. Insert every table's rows; on failure back off and retry, committing nothing, until
+     ClickHouse accepts or the sink is stopped.
+  4. Flush the dead-letter producer (acks=all).
+  5. Commit the batch's offsets synchronously.
+A crash before step 5 redelivers the batch. Inserts are idempotent by event_id
+(ReplacingMergeTree; read with FINAL), so redelivery neither loses nor doubles a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
+from schemas.topics import ALL_TOPICS, DLQ, topic_for_name
+from services.logs import event
+from services.sink.rows import TABLES, dead_letter_row
+from services.sink.settings import SinkSettings
+
+log = logging.getLogger("rlfeed.sink")
+REJECTED_BY = "sink"
+
+
+@dataclass
+class SinkStats:
+    """Counters since the sink started."""
+
+    batches: int = 0
+    messages: int = 0
+    rows: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    dead_letters: int = 0
+    insert_failures: int = 0
+    last_commit_ts: float | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "batches": self.batches,
+            "messages": self.messages,
+            "rows": dict(self.rows),
+            "dead_letters": self.dead_letters,
+            "insert_failures": self.insert_failures,
+            "last_commit_ts": self.last_commit_ts,
+        }
+
+
+class Sink:
+    """One sink consumer. `run(stop)` loops until `stop` is set; `run_once()` does one batch."""
+
+    def __init__(self, settings: SinkSettings, bootstrap: str, client: Client) -> None:
+        self.settings = settings
+        self.client = client
+        self.prefix = settings.topic_prefix
+        self.stats = SinkStats()
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": settings.sink_group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": False,
+            }
+        )
+        self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+        self.consumer.subscribe([t.full_name(self.prefix) for t in ALL_TOPICS])
+
+    def close(self) -> None:
+        """Leave the group (uncommitted work is redelivered to the next owner)."""
+        self.consumer.close()
+        self.producer.flush(10)
+
+    def run(self, stop: threading.Event) -> None:
+        """Process batches until `stop` is set."""
+        while not stop.is_set():
+            self.run_once(stop)
+
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """Poll, insert and commit one batch; return the number of messages in it."""
+        messages = self.consumer.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
+        messages = [m for m in messages if self._ok(m)]
+        if not messages:
+            return 0
+        rows: dict[str, list[dict]] = defaultdict(list)
+        for msg in messages:
+            self._route(msg, rows)
+        if not self._insert(rows, stop):
+            return 0
+        self.producer.flush(30)
+        offsets: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            offsets[(msg.topic(), msg.partition())] = max(offsets.get((msg.topic(), msg.partition()), -1), msg.offset())
+        self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()], asynchronous=False)
+        self.stats.batches += 1
+        self.stats.messages += len(messages)
+        self.stats.last_commit_ts = time.time()
+        return len(messages)
+
+    def _ok(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if err.code() != KafkaError._PARTITION_EOF:
+            event(log, "consume_error", logging.WARNING, error=str(err))
+        return False
+
+    def _route(self, msg: Message, rows: dict[str, list[dict]]) -> None:
+        topic = topic_for_name(msg.topic(), self.prefix)
+        table, to_row = TABLES[topic.name]
+        raw = msg.value() or b""
+        try:
+            rows[table].append(to_row(decode(topic.event, raw)))
+        except InvalidEvent as err:
+            letter = dead_letter(
+                err,
+                source_topic=msg.topic(),
+                rejected_by=REJECTED_BY,
+                key=msg.key(),
+                partition=msg.partition(),
+                offset=msg.offset(),
+            )
+            self.stats.dead_letters += 1
+            event(log, "dead_letter", logging.WARNING, topic=msg.topic(), offset=msg.offset(), reason=letter.reason)
+            if topic is DLQ:
+                rows["dead_letters"].append(dead_letter_row(letter))
+            else:
+                self.producer.produce(DLQ.full_name(self.prefix), encode(letter), key_of(letter, DLQ.key))
+
+    def _insert(self, rows: dict[str, list[dict]], stop: threading.Event | None) -> bool:
+        backoff = self.settings.sink_retry_initial_s
+        pending = dict(rows)
+        while pending:
+            table, batch = next(iter(pending.items()))
+            try:
+                columns = list(batch[0])
+                self.client.insert(table, [[r[c] for c in columns] for r in batch], column_names=columns)
+                self.stats.rows[table] += len(batch)
+                del pending[table]
+                backoff = self.settings.sink_retry_initial_s
+            except Exception as exc:  # ClickHouse down or refusing: retry, never drop
+                self.stats.insert_failures += 1
+                event(
+                    log,
+                    "insert_failed",
+                    logging.WARNING,
+                    table=table,
+                    rows=len(batch),
+                    error=str(exc)[:500],
+                    retry_in_s=backoff,
+                )
+                if stop is not None and stop.wait(backoff):
+                    return False
+                if stop is None:
+                    time.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.sink_retry_max_s)
+        return True

@@ -1,0 +1,1 @@
+"""`rlfeed up`: the embedded stack (broker, topics, ClickHouse, sink) in one process."""
