@@ -16,7 +16,6 @@ def generation(generation_id: str = "gen-1", **overrides: object) -> GenerationE
         "completion_token_ids": [4, 5],
         "completion_logprobs": [-0.5, -1.25],
         "user_id": "user-1",
-        "event_time_ms": 1_700_000_000_000,
     }
     return GenerationEvent(**(fields | overrides))
 

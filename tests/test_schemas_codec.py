@@ -20,8 +20,13 @@ def test_generation_round_trips_through_json() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "value", "extra"),
-    [("thumb", -1.0, {}), ("rating", 4.0, {}), ("accept", None, {}), ("dwell", 12.5, {}),
-     ("edit", None, {"edited_text": "Mittens.", "final": True})],
+    [
+        ("thumb", -1.0, {}),
+        ("rating", 4.0, {}),
+        ("accept", None, {}),
+        ("dwell", 12.5, {}),
+        ("edit", None, {"edited_text": "Mittens.", "final": True}),
+    ],
 )
 def test_every_feedback_kind_round_trips(kind: str, value: float | None, extra: dict) -> None:
     event = feedback(kind=kind, value=value, **extra)
@@ -102,8 +107,14 @@ def test_deeply_nested_input_is_an_invalid_event() -> None:
 
 def test_delta_update_requires_its_base() -> None:
     raw = orjson.dumps(
-        {"model": "m", "version": 2, "artifact_kind": "delta", "artifact_url": "m/2.delta", "sha256": "0" * 64,
-         "size_bytes": 10}
+        {
+            "model": "m",
+            "version": 2,
+            "artifact_kind": "delta",
+            "artifact_url": "m/2.delta",
+            "sha256": "0" * 64,
+            "size_bytes": 10,
+        }
     )
     with pytest.raises(InvalidEvent) as info:
         decode(ModelUpdateEvent, raw)

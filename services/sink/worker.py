@@ -121,7 +121,7 @@ class Sink:
         table, to_row = TABLES[topic.name]
         raw = msg.value() or b""
         try:
-            rows[table].append(to_row(decode(topic.event, raw)))
+            row = to_row(decode(topic.event, raw))
         except InvalidEvent as err:
             letter = dead_letter(
                 err,
@@ -137,6 +137,8 @@ class Sink:
                 rows["dead_letters"].append(dead_letter_row(letter))
             else:
                 self.producer.produce(DLQ.full_name(self.prefix), encode(letter), key_of(letter, DLQ.key))
+            return
+        rows[table].append(row)
 
     def _insert(self, rows: dict[str, list[dict]], stop: threading.Event | None) -> bool:
         backoff = self.settings.sink_retry_initial_s
