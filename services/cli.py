@@ -114,6 +114,19 @@ def _sink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from services.demo.runner import run
+    from services.demo.settings import DemoSettings
+
+    overrides = {}
+    if args.duration is not None:
+        overrides["demo_duration_s"] = args.duration
+    if args.preference:
+        overrides["sim_preference"] = args.preference
+    run(DemoSettings(**overrides))
+    return 0
+
+
 def _delegate(module: str, func: str, *args: object) -> int:
     import importlib
 
@@ -126,6 +139,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlfeed", description="Learn from live product feedback.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("up", help="run the embedded stack: broker, topics, ClickHouse, sink").set_defaults(fn=_up)
+    demo = sub.add_parser("demo", help="run the whole loop with simulated users; prints a per-version report")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds (default: run until Ctrl-C)")
+    demo.add_argument("--preference", help="the users' hidden preference, MODULE:CALLABLE -> P(accept)")
+    demo.set_defaults(fn=_demo)
     sub.add_parser("status", help="show what is running").set_defaults(fn=_status)
     sub.add_parser("topics", help="list the broker's topics").set_defaults(fn=_topics)
     model = sub.add_parser("model", help="manage the local policy model").add_subparsers(dest="action", required=True)

@@ -1,0 +1,1 @@
+"""`rlfeed demo`: the whole loop on one machine, with simulated users."""

@@ -1,0 +1,136 @@
+"""Run the whole loop: stack, stream worker, trainer, replicas, simulated users.
+
+Start order (each waits for the one before to be ready): the model directory (built if
+missing) → `rlfeed up` (broker, topics, ClickHouse, sink) → `rlfeed streams` →
+`rlfeed train` → `rlfeed serve` × N → the simulated users, in this process. Stop
+order is the reverse, on Ctrl-C, SIGTERM or after `demo_duration_s`. The report (per
+policy version: answers, accept rate with a 95% interval, length, distinctness) is
+printed as JSON and written to `<home_dir>/demo-report.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+
+import httpx
+import orjson
+
+from schemas.codec import encode, key_of
+from schemas.events import FeedbackEvent
+from schemas.topics import FEEDBACK
+from services.demo.children import Child, base_env, child_env
+from services.demo.settings import DemoSettings
+from services.simulator.population import Population
+from services.simulator.preference import load as load_preference
+from services.stack import state as stack_state
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(settings: DemoSettings) -> dict:
+    """Run the demo to its end and return the report."""
+    home = settings.home_dir.resolve()
+    preference = load_preference(settings.sim_preference)  # fail fast on a bad plug-in
+    model_dir = (settings.demo_model_dir or settings.default_model_dir).resolve()
+    if not (model_dir / "rlfeed-model.json").exists():
+        _say(f"building the model in {model_dir} (once, ~1 min)")
+        from services.localmodel.build import build
+
+        build(model_dir, "full")
+    env = child_env(base_env(), home_dir=home, model_dir=model_dir, topic_prefix=settings.topic_prefix)
+    logs = home / "logs"
+    children: list[Child] = []
+    started = time.monotonic()
+    try:
+        kafka_url = settings.kafka_url
+        if kafka_url is None:
+            stack = Child("stack", ["up"], child_env(env, embedded_kafka_port=settings.demo_embedded_kafka_port), logs)
+            children.append(stack.start())
+            stack.wait_ready(lambda: stack_state.read(home) is not None, settings.demo_startup_timeout_s)
+            kafka_url = stack_state.read(home)["kafka_url"]
+            _say(f"stack up: {kafka_url}, ClickHouse {stack_state.read(home)['clickhouse_url']}")
+        env = child_env(env, kafka_url=kafka_url)
+        streams = Child("streams", ["streams"], child_env(env, settle_window_s=settings.demo_settle_window_s), logs)
+        children.append(streams.start())
+        trainer_env = child_env(
+            env,
+            publish_every_steps=settings.demo_publish_every_steps,
+            publish_every_s=0,
+            trainer_batch_size=settings.demo_trainer_batch_size,
+        )
+        children.append(Child("trainer", ["train"], trainer_env, logs).start())
+        urls = []
+        for i in range(settings.demo_replicas):
+            port = settings.demo_first_port + i
+            replica = Child(f"replica-{i}", ["serve"], child_env(env, port=port, replica_id=f"replica-{i}"), logs)
+            children.append(replica.start())
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, replica in zip(urls, children[-len(urls) :], strict=True):
+            replica.wait_ready(
+                lambda u=url: httpx.get(f"{u}/health", timeout=2).status_code == 200, settings.demo_startup_timeout_s
+            )
+        _say(f"{len(urls)} replicas up: {', '.join(urls)}; logs in {logs}")
+        sim_settings = settings.model_copy(update={"sim_replica_urls": tuple(urls), "kafka_url": kafka_url})
+        report = asyncio.run(_simulate(sim_settings, preference, children, started))
+    finally:
+        for child in reversed(children):
+            child.stop()
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    (home / "demo-report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    return report
+
+
+async def _simulate(settings: DemoSettings, preference, children: list[Child], started: float) -> dict:
+    from aiokafka import AIOKafkaProducer
+
+    from services.kafka.url import bootstrap_servers
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(settings.kafka_url), acks="all", linger_ms=5)
+    await producer.start()
+    topic = FEEDBACK.full_name(settings.topic_prefix)
+
+    async def send(feedback: FeedbackEvent) -> None:
+        await producer.send(topic, encode(feedback), key=key_of(feedback, FEEDBACK.key))
+
+    population = Population(settings, preference, send)
+    runner = asyncio.create_task(population.run(stop))
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.demo_progress_interval_s)
+            elapsed = time.monotonic() - started
+            _say(_progress_line(elapsed, population))
+            dead = [c.name for c in children if not c.alive()]
+            if dead:
+                _say(f"stopping: {', '.join(dead)} exited; see their logs")
+                stop.set()
+            if settings.demo_duration_s and elapsed >= settings.demo_duration_s:
+                stop.set()
+        await runner
+    finally:
+        await producer.stop()
+    return population.summary()
+
+
+def _progress_line(elapsed_s: float, population: Population) -> str:
+    parts = []
+    for version, stats in sorted(population.stats.items()):
+        s = stats.summary()
+        parts.append(
+            f"v{version}: {s['accept_rate']:.2f} [{s['accept_ci95'][0]:.2f}-{s['accept_ci95'][1]:.2f}] "
+            f"n={s['answers']} {s['mean_words']:.0f}w"
+        )
+    return f"[{elapsed_s:6.0f}s] feedback sent {population.feedback_sent}, errors {population.errors} | " + (
+        " | ".join(parts) or "waiting for the first answers"
+    )

@@ -1,0 +1,32 @@
+"""Settings of the demo process (it also runs the simulated users)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.simulator.settings import SimulatorSettings
+
+
+class DemoSettings(SimulatorSettings):
+    """`rlfeed demo`. Env prefix `RLFEED_`; every child process gets its settings from it."""
+
+    demo_duration_s: float = 0.0
+    """Stop after this long; 0 runs until Ctrl-C."""
+    demo_replicas: int = 2
+    """Serving replicas to start."""
+    demo_first_port: int = 8101
+    """Port of the first replica; the others follow."""
+    demo_embedded_kafka_port: int = 19092
+    """Port of the embedded broker the demo starts."""
+    demo_progress_interval_s: float = 15.0
+    """How often a progress line is printed."""
+    demo_startup_timeout_s: float = 300.0
+    """Longest a child may take to become ready."""
+    demo_settle_window_s: float = 8.0
+    """The stream join's settle window in the demo (short, so rewards flow quickly)."""
+    demo_publish_every_steps: int = 4
+    """The trainer publishes (through its gate) every this many optimiser steps."""
+    demo_trainer_batch_size: int = 32
+    """Samples per optimiser step in the demo."""
+    demo_model_dir: Path | None = None
+    """The policy model; unset: `<home_dir>/models/smollm2-135m-instruct` (built if missing)."""
