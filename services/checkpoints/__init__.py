@@ -1,0 +1,3 @@
+"""The checkpoint store and the lossless delta codec, shared by the trainer and the
+serving replicas: versions of a model's weights as full safetensors snapshots or deltas
+against an earlier version, every artifact checksummed."""

@@ -1,0 +1,297 @@
+"""The engine interface: jobs in, sampled tokens with logprobs out, weights swapped between batches.
+
+An engine owns one scheduler thread. Requests become `Job`s; the thread takes batches of
+waiting jobs (`services.serving.batching`), runs each batch to completion while holding
+`generation_lock`, and hands tokens back to the asyncio side through the job's queue. A
+weight swap takes the same lock, so it happens between batches: a batch never mixes two
+versions, and no request is dropped by a swap. No torch import here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.serving.batching import ready_in_s, select_batch
+from services.serving.params import GenParams
+from services.serving.text import Detokenizer
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token, its logprob under the sampling distribution, and alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Delta:
+    """What a job hands to its reader: new text and tokens, and the finish reason at the end."""
+
+    text: str
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+
+
+class Job:
+    """One request's generation. The engine thread writes it; the event loop reads it."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: GenParams,
+        *,
+        decode: Callable[[list[int]], str],
+        loop: asyncio.AbstractEventLoop,
+        stream: bool,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrived_s = time.monotonic()
+        self.prompt_len = len(prompt_ids)
+        self.max_tokens = params.max_tokens
+        self.stream = stream
+        self.tokens: list[TokenLogprob] = []
+        self.detok = Detokenizer(decode, params.stop)
+        self.finish_reason: str | None = None
+        self.version: int | None = None
+        """The policy version that produced this completion (set when its batch starts)."""
+        self.cancelled = False
+        """Set by the reader when the client went away; the engine stops the row."""
+        self._loop = loop
+        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._pending: list[TokenLogprob] = []
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The completion text (cut before a stop sequence)."""
+        return self.detok.text
+
+    # --- engine thread -------------------------------------------------------------
+    def add(self, token: TokenLogprob, *, is_eos: bool) -> bool:
+        """Record one sampled token; True when the job is finished after it."""
+        if self.done:
+            return True
+        self.tokens.append(token)
+        self._pending.append(token)
+        if self.cancelled:
+            self.finish("abort")
+            return True
+        if is_eos:
+            self.finish("stop")
+            return True
+        ids = [t.token_id for t in self.tokens]
+        if (self.stream or self.params.stop) and self.detok.update(ids):
+            self.finish("stop")
+            return True
+        if len(self.tokens) >= self.max_tokens:
+            self.finish("length")
+            return True
+        if self.stream:
+            text = self.detok.delta(final=False)
+            if text or self.params.want_logprobs:
+                self._post(Delta(text, self._take_pending()))
+        return False
+
+    def finish(self, reason: str) -> None:
+        """Mark the job finished and hand the rest of its output to the reader."""
+        if self.done:
+            return
+        if not self.detok.stopped:
+            # Final decode without the EOS token's text (special tokens are skipped anyway).
+            self.detok.update([t.token_id for t in self.tokens])
+        self.finish_reason = reason
+        self._post(Delta(self.detok.delta(final=True), self._take_pending(), finish_reason=reason))
+
+    def fail(self, error: BaseException) -> None:
+        """End the job with an engine error."""
+        if self.done:
+            return
+        self.finish_reason = "error"
+        self._post(Delta("", [], finish_reason="error", error=error))
+
+    def _take_pending(self) -> list[TokenLogprob]:
+        out, self._pending = self._pending, []
+        return out
+
+    def _post(self, delta: Delta) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is reading any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+
+    # --- event loop ----------------------------------------------------------------
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The job's output as it arrives; the last delta has a finish_reason."""
+        while True:
+            delta = await self._queue.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    async def wait(self) -> Delta:
+        """Wait for the end; returns the final delta (raises the engine's error)."""
+        async for delta in self.deltas():
+            if delta.error is not None:
+                raise delta.error
+            if delta.finish_reason is not None:
+                return delta
+        raise RuntimeError("job ended without a finish reason")
+
+
+BatchHook = Callable[[int, int, float], None]
+"""Called after each batch with (rows, tokens generated, seconds)."""
+
+
+class Engine(ABC):
+    """A batching engine. Subclasses implement `_run_batch` and the weight methods."""
+
+    name: str = "base"
+
+    def __init__(self, *, model_name: str, max_batch_size: int, batch_wait_ms: float) -> None:
+        self.model_name = model_name
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.max_batch_tokens: int | None = None
+        self.version = 0
+        """The policy version being served (0: the model directory)."""
+        self.generation_lock = threading.Lock()
+        self.on_batch: BatchHook | None = None
+        self._cv = threading.Condition()
+        self._waiting: list[Job] = []
+        self._swaps_pending = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- what an engine provides ---------------------------------------------------
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The HF tokenizer (chat template, encode, decode)."""
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """Longest prompt + completion the engine accepts, in tokens."""
+
+    @abstractmethod
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Generate every job of the batch to its end (called with generation_lock held)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The weights being served, name → tensor (the base a delta applies to)."""
+
+    @abstractmethod
+    def _check_weights(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError if `state_dict` cannot replace the current weights (before any swap)."""
+
+    @abstractmethod
+    def _load_weights(self, state_dict: dict[str, Any]) -> None:
+        """Copy the weights in (called with generation_lock held, between batches)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
+        """Release engine resources (after `stop`)."""
+
+    # --- shared machinery ----------------------------------------------------------
+    def decode(self, token_ids: list[int]) -> str:
+        """Completion text of token ids (special tokens skipped)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        self._thread = threading.Thread(target=self._schedule, name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Let the running batch finish, fail the waiting jobs, and stop the thread."""
+        with self._cv:
+            self._stopping = True
+            waiting, self._waiting = self._waiting, []
+            self._cv.notify_all()
+        for job in waiting:
+            job.fail(RuntimeError("the replica is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job for the next batch."""
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the replica is shutting down")
+            self._waiting.append(job)
+            self._cv.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting for a batch."""
+        return len(self._waiting)
+
+    def swap_weights(self, version: int, state_dict: dict[str, Any]) -> None:
+        """Check `state_dict`, then load it between batches and serve it as `version`.
+
+        Blocks until done (call it from a worker thread). A failed check leaves the
+        served weights untouched. While a swap waits, no new batch starts.
+        """
+        self._check_weights(state_dict)
+        with self._cv:
+            self._swaps_pending += 1
+        try:
+            with self.generation_lock:
+                self._load_weights(state_dict)
+                self.version = version
+        finally:
+            with self._cv:
+                self._swaps_pending -= 1
+                self._cv.notify_all()
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cv:
+            while True:
+                if self._stopping:
+                    return None
+                # Drop jobs whose client went away before they started.
+                for job in [j for j in self._waiting if j.cancelled]:
+                    self._waiting.remove(job)
+                    job.finish("abort")
+                oldest = self._waiting[0].arrived_s if self._waiting else None
+                wait = ready_in_s(len(self._waiting), oldest, time.monotonic(), self.max_batch_size, self.batch_wait_s)
+                if wait == 0.0 and self._swaps_pending == 0:
+                    chosen = select_batch(self._waiting, self.max_batch_size, self.max_batch_tokens)
+                    batch = [self._waiting[i] for i in chosen]
+                    for i in reversed(chosen):
+                        del self._waiting[i]
+                    return batch
+                self._cv.wait(timeout=None if wait is None or self._swaps_pending else wait)
+
+    def _schedule(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            with self.generation_lock:
+                started = time.monotonic()
+                for job in batch:
+                    job.version = self.version
+                try:
+                    self._run_batch(batch)
+                except Exception as exc:  # one bad batch must not kill the replica
+                    for job in batch:
+                        job.fail(exc)
+                for job in batch:
+                    if not job.done:
+                        job.finish("length")
+                if self.on_batch is not None:
+                    with contextlib.suppress(Exception):
+                        self.on_batch(len(batch), sum(len(j.tokens) for j in batch), time.monotonic() - started)

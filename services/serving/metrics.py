@@ -1,0 +1,73 @@
+"""Prometheus metrics of one replica (its own registry, so replicas can share a process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ReplicaMetrics:
+    """Counters and gauges served on /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rlfeed_serving_requests",
+            "HTTP API requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "rlfeed_serving_request_latency_seconds",
+            "Time from request to last token.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("rlfeed_serving_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.completion_tokens = Counter("rlfeed_serving_completion_tokens", "Completion tokens generated.", registry=r)
+        self.batch_size = Histogram(
+            "rlfeed_serving_batch_size", "Requests per engine batch.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "rlfeed_serving_batch_seconds", "Wall time per engine batch.", buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.swaps = Counter("rlfeed_serving_weight_swaps", "Weight versions swapped in.", registry=r)
+        self.swap_failures = Counter(
+            "rlfeed_serving_weight_swap_failures", "Model updates that failed to load (old weights kept).", registry=r
+        )
+        self.swap_seconds = Histogram(
+            "rlfeed_serving_weight_load_seconds",
+            "Time to materialise and swap in a version.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.events_emitted = Counter(
+            "rlfeed_serving_events_emitted", "Events handed to the Kafka producer.", ["topic"], registry=r
+        )
+
+    def gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        """A gauge whose value is read from `fn` at scrape time."""
+        Gauge(name, doc, registry=self.registry).set_function(fn)
+
+    def labelled_gauge(self, name: str, doc: str, label: str, fn: Callable[[], dict[str, float]]) -> None:
+        """A gauge family read from `fn` (label value → number) at scrape time."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        class _Collector:
+            def collect(self):
+                fam = GaugeMetricFamily(name, doc, labels=[label])
+                for k, v in fn().items():
+                    fam.add_metric([k], v)
+                yield fam
+
+        self.registry.register(_Collector())  # type: ignore[arg-type]
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,239 @@
+"""One replica: the engine, the event sink, the update follower, and the hot-swap loader.
+
+Hot swap, in order:
+1. the follower hands over a ModelUpdateEvent for this model (the newest one, after the
+   start-up catch-up); a newer event replaces one not yet started;
+2. the loader thread materialises that version from the checkpoint store, passing the
+   weights being served as `have` so a delta applies to them, with every checksum
+   verified, while the engine keeps generating;
+3. the engine checks names, shapes, dtypes and finiteness, then takes its generation
+   lock (between batches), copies the weights in and bumps the served version;
+4. replica-status.v1 reports the new version (or, on any failure in 2-3, the error and
+   the old version, which is still served).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from schemas.events import ModelUpdateEvent, ReplicaState, ReplicaStatusEvent
+from schemas.topics import GENERATIONS, REPLICA_STATUS
+from services.logs import event as log_event
+from services.serving.engines.base import Engine
+from services.serving.events import EventSink
+from services.serving.metrics import ReplicaMetrics
+from services.serving.settings import ServingSettings
+from services.serving.updates import UpdateFollower
+
+log = logging.getLogger(__name__)
+
+
+class Replica:
+    """Everything a serving replica runs besides the HTTP server."""
+
+    def __init__(
+        self,
+        settings: ServingSettings,
+        engine: Engine,
+        sink: EventSink,
+        *,
+        bootstrap: str | None,
+        replica_id: str,
+        url: str | None,
+        store: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.sink = sink
+        self.bootstrap = bootstrap
+        self.replica_id = replica_id
+        self.url = url
+        self._store = store
+        self.metrics = ReplicaMetrics()
+        self.state = ReplicaState.STARTING
+        self.last_error: str | None = None
+        self.requests_total = 0
+        self.started_at = time.time()
+        self.follower: UpdateFollower | None = None
+        self._wanted: ModelUpdateEvent | None = None
+        self._tried_event_id: str | None = None
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loading = False
+        engine.on_batch = self._on_batch
+        m = self.metrics
+        m.gauge("rlfeed_serving_policy_version", "Policy version being served.", lambda: self.engine.version)
+        m.gauge("rlfeed_serving_queue_depth", "Requests waiting for a batch.", lambda: self.engine.queue_depth)
+        m.gauge("rlfeed_serving_events_buffered", "Events held in memory for the broker.", lambda: self.sink.buffered)
+        m.gauge("rlfeed_serving_events_delivered", "Events the broker acknowledged.", lambda: self.sink.delivered)
+        m.labelled_gauge(
+            "rlfeed_serving_events_dropped", "Events lost, by reason.", "reason", lambda: dict(self.sink.dropped)
+        )
+
+    # --- lifecycle -----------------------------------------------------------------
+    @property
+    def store(self) -> Any:
+        """The checkpoint store (opened on first use: it imports torch)."""
+        if self._store is None:
+            from services.checkpoints.store import CheckpointStore
+
+            self._store = CheckpointStore(self.settings.resolved_checkpoint_dir)
+        return self._store
+
+    def start(self) -> None:
+        """Start the engine, the loader, the heartbeat and (with a broker) the follower."""
+        self.engine.start()
+        self._spawn(self._load_loop, "weight-loader")
+        self._spawn(self._heartbeat, "status-heartbeat")
+        if self.bootstrap is not None and self.settings.follow_updates:
+            self.follower = UpdateFollower(
+                self.bootstrap,
+                topic_prefix=self.settings.topic_prefix,
+                model=self.settings.model_name,
+                replica_id=self.replica_id,
+                on_update=self.offer_update,
+            )
+            self.follower.start()
+        self.state = ReplicaState.SERVING
+        self.report()
+        log_event(
+            log,
+            "replica_serving",
+            replica_id=self.replica_id,
+            url=self.url,
+            engine=self.engine.name,
+            model=self.settings.model_name,
+            version=self.engine.version,
+            kafka=self.bootstrap,
+        )
+
+    def stop(self) -> None:
+        """Stop following, finish the running batch, report STOPPED, flush events."""
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        if self.follower is not None:
+            self.follower.stop()
+        self.engine.stop()
+        for t in self._threads:
+            t.join(10)
+        self.state = ReplicaState.STOPPED
+        self.report()
+        self.sink.close(5.0)
+        self.engine.close()
+        log_event(log, "replica_stopped", replica_id=self.replica_id, events_dropped=dict(self.sink.dropped))
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # --- status --------------------------------------------------------------------
+    def status_event(self, state: ReplicaState | None = None, error: str | None = None) -> ReplicaStatusEvent:
+        return ReplicaStatusEvent(
+            replica_id=self.replica_id,
+            model=self.settings.model_name,
+            version=self.engine.version,
+            state=state or self.state,
+            engine=self.engine.name,  # type: ignore[arg-type]
+            url=self.url,
+            error=(error or self.last_error or None) and (error or self.last_error or "")[:10_000],
+            requests_total=self.requests_total,
+        )
+
+    def report(self, state: ReplicaState | None = None, error: str | None = None) -> None:
+        """Emit a replica-status.v1 event."""
+        if self.sink.emit(REPLICA_STATUS, self.status_event(state, error)):
+            self.metrics.events_emitted.labels(REPLICA_STATUS.name).inc()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.settings.status_interval_s):
+            self.report()
+
+    def emit_generation(self, ev: Any) -> None:
+        """Send a GenerationEvent (never raises, never blocks)."""
+        if self.sink.emit(GENERATIONS, ev):
+            self.metrics.events_emitted.labels(GENERATIONS.name).inc()
+
+    def _on_batch(self, rows: int, tokens: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(rows)
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.completion_tokens.inc(tokens)
+
+    # --- hot swap ------------------------------------------------------------------
+    def offer_update(self, ev: ModelUpdateEvent) -> None:
+        """Queue a model update (the newest offered wins); called by the follower."""
+        if ev.model != self.settings.model_name:
+            return
+        with self._cv:
+            self._wanted = ev
+            self._cv.notify_all()
+
+    @property
+    def loading(self) -> bool:
+        """Whether a version is being loaded right now or waits to be."""
+        return self._loading or self._wanted is not None
+
+    def _load_loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._wanted is None and not self._stop.is_set():
+                    self._cv.wait()
+                if self._stop.is_set():
+                    return
+                ev, self._wanted = self._wanted, None
+                self._loading = True
+            try:
+                self.apply_update(ev)
+            finally:
+                self._loading = False
+
+    def apply_update(self, ev: ModelUpdateEvent) -> bool:
+        """Load and swap in `ev`'s version; on failure keep serving and report. True if swapped."""
+        current = self.engine.version
+        if ev.version == current:
+            return False
+        if ev.event_id == self._tried_event_id and self.last_error:
+            return False  # this exact event already failed; wait for a new one
+        self._tried_event_id = ev.event_id
+        started = time.monotonic()
+        self.state = ReplicaState.LOADING
+        self.report()
+        log_event(
+            log,
+            "weights_loading",
+            version=ev.version,
+            serving=current,
+            rollback=ev.rollback,
+            kind=str(ev.artifact_kind),
+        )
+        try:
+            weights = self.store.materialize(ev.model, ev.version, have=(current, self.engine.state_dict()))
+            self.engine.swap_weights(ev.version, weights)
+        except Exception as exc:
+            self.last_error = f"version {ev.version} not loaded, still serving {current}: {type(exc).__name__}: {exc}"
+            self.metrics.swap_failures.inc()
+            self.state = ReplicaState.ERROR
+            log_event(log, "weights_load_failed", logging.ERROR, version=ev.version, serving=current, error=str(exc))
+            self.report()
+            self.state = ReplicaState.SERVING
+            return False
+        seconds = time.monotonic() - started
+        self.last_error = None
+        self.metrics.swaps.inc()
+        self.metrics.swap_seconds.observe(seconds)
+        self.state = ReplicaState.SERVING
+        log_event(
+            log,
+            "weights_swapped",
+            version=ev.version,
+            previous=current,
+            rollback=ev.rollback,
+            seconds=round(seconds, 3),
+        )
+        self.report()
+        return True

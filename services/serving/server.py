@@ -1,0 +1,136 @@
+"""Assembling and running a replica: broker resolution, socket, uvicorn.
+
+`run_forever` is what `rlfeed serve` runs (uvicorn in the main thread: SIGINT/SIGTERM
+stop it gracefully, in-flight requests finish first). `ServerThread` runs the same server
+in a background thread, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from services.logs import event as log_event
+from services.serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_bootstrap(settings: ServingSettings) -> str | None:
+    """The broker to use: kafka_url, else the embedded broker's, else None (no Kafka)."""
+    from services.kafka.url import bootstrap_servers
+
+    if settings.kafka_url:
+        return bootstrap_servers(settings.kafka_url)
+    from services.kafka.embedded import read_state
+
+    broker = read_state(settings.home_dir.resolve())
+    if broker is not None:
+        return bootstrap_servers(broker.url)
+    log_event(
+        log,
+        "no_kafka",
+        logging.WARNING,
+        detail="no RLFEED_KAFKA_URL and no embedded broker: generation events are dropped (counted), "
+        "model updates are not followed",
+    )
+    return None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_replica(settings: ServingSettings, port: int, *, store: Any = None) -> Any:
+    """Load the engine and wire a Replica for a server listening on `port`."""
+    from services.serving.engines import load_engine
+    from services.serving.events import EventSink
+    from services.serving.replica import Replica
+
+    replica_id = settings.resolved_replica_id(port)
+    bootstrap = resolve_bootstrap(settings)
+    sink = EventSink(
+        bootstrap,
+        topic_prefix=settings.topic_prefix,
+        buffer_max=settings.event_buffer_max,
+        delivery_timeout_s=settings.event_delivery_timeout_s,
+        client_id=f"rlfeed-serving-{replica_id}",
+    )
+    engine = load_engine(settings)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{host}:{port}/v1"
+    return Replica(settings, engine, sink, bootstrap=bootstrap, replica_id=replica_id, url=url, store=store)
+
+
+def _uvicorn_server(app: Any, settings: ServingSettings) -> Any:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+        log_level=settings.log_level.lower(),
+    )
+    return uvicorn.Server(config)
+
+
+def run_forever(settings: ServingSettings) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn's handlers), then shut down gracefully."""
+    from services.serving.app import create_app
+
+    sock = bind_socket(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    replica = build_replica(settings, port)
+    server = _uvicorn_server(create_app(replica), settings)
+    log_event(log, "serving_listen", host=settings.host, port=port, replica_id=replica.replica_id)
+    server.run(sockets=[sock])
+
+
+class ServerThread:
+    """A replica's HTTP server in a background thread (tests, benchmarks)."""
+
+    def __init__(self, settings: ServingSettings, *, store: Any = None) -> None:
+        from services.serving.app import create_app
+
+        self.sock = bind_socket(settings.host, settings.port)
+        self.port = self.sock.getsockname()[1]
+        self.replica = build_replica(settings, self.port, store=store)
+        self.server = _uvicorn_server(create_app(self.replica), settings)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        """`http://127.0.0.1:<port>/v1`, for the openai client."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout_s: float = 60.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the serving replica did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

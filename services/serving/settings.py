@@ -1,0 +1,96 @@
+"""The serving replica's settings (`RLFEED_` environment variables). No torch import."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+
+from services.config import RlfeedSettings
+
+
+class ServingSettings(RlfeedSettings):
+    """One serving replica. Run several at once by giving each its own `port`."""
+
+    host: str = "127.0.0.1"
+    """Interface the HTTP server binds to (0.0.0.0 to accept remote clients)."""
+    port: int = 8000
+    """TCP port of the HTTP server; 0 picks a free one (reported in replica-status)."""
+    replica_id: str | None = None
+    """Id on replica-status.v1 and in generation events; unset: `<hostname>-<port>`."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """`transformers` (CPU, tests, embedded stack) or `vllm` (GPU, production)."""
+    model_dir: Path | None = None
+    """The HF model directory the replica starts from (version 0); unset: home_dir/models/…"""
+    model_name: str = "smollm2-135m-instruct"
+    """Name of the policy: the `model` in requests and the key of model-updates.v1."""
+    checkpoint_dir: Path | None = None
+    """Root of the checkpoint store that model updates point into; unset: home_dir/checkpoints."""
+    follow_updates: bool = True
+    """Follow model-updates.v1 and hot-swap new versions (needs a broker)."""
+    max_batch_size: int = 16
+    """Most requests decoded together in one batch."""
+    batch_wait_ms: float = 5.0
+    """How long the first waiting request may wait for others to join its batch."""
+    max_model_len_tokens: int = 2048
+    """Longest prompt + completion, in tokens (also capped by the model's config)."""
+    default_max_tokens: int = 256
+    """Completion length when a request does not set max_tokens."""
+    max_top_logprobs: int = 5
+    """Largest top_logprobs / logprobs a request may ask for."""
+    torch_threads: int = 1
+    """torch intra-op threads for the transformers engine; 0 keeps torch's default (one per core).
+    1 by default: on a 2-core machine shared with the broker, streams and trainer, torch's
+    spinning worker threads made generation 17x slower in bench/serving.py; raise it on a
+    dedicated host."""
+    event_buffer_max: int = 10_000
+    """Most events held in memory while the broker is unreachable; beyond it they are dropped (counted)."""
+    event_delivery_timeout_s: float = 600.0
+    """How long a buffered event waits for the broker before it is dropped (counted)."""
+    status_interval_s: float = 30.0
+    """Period of the replica-status heartbeat."""
+    user_header: str = "x-rlfeed-user"
+    """Request header carrying the pseudonymous user id when the body has no `user`."""
+    session_header: str = "x-rlfeed-session"
+    """Request header carrying the session id."""
+    user_id_salt: str = ""
+    """Salt for hashing user ids that look personal (emails, odd characters); see `ids.py`."""
+    hash_all_user_ids: bool = False
+    """Hash every user id, not only those that look personal."""
+    vllm_gpu_memory_utilization: float = 0.85
+    """vLLM engine only: share of GPU memory vLLM may take."""
+    vllm_dtype: str = "bfloat16"
+    """vLLM engine only: weight dtype."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingSettings:
+        if not 0 <= self.port < 65536:
+            raise ValueError("port: must be 0..65535")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size: must be >= 1")
+        if self.batch_wait_ms < 0:
+            raise ValueError("batch_wait_ms: must be >= 0")
+        if self.event_buffer_max < 1:
+            raise ValueError("event_buffer_max: must be >= 1")
+        if self.default_max_tokens < 1 or self.default_max_tokens > self.max_model_len_tokens:
+            raise ValueError("default_max_tokens: must be between 1 and max_model_len_tokens")
+        return self
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        """The model directory to load (version 0)."""
+        return self.model_dir if self.model_dir is not None else self.default_model_dir
+
+    @property
+    def resolved_checkpoint_dir(self) -> Path:
+        """The checkpoint store root."""
+        return self.checkpoint_dir if self.checkpoint_dir is not None else self.home_dir / "checkpoints"
+
+    def resolved_replica_id(self, port: int) -> str:
+        """This replica's id, given the port it actually listens on."""
+        if self.replica_id:
+            return self.replica_id
+        host = "".join(c if c.isalnum() or c in ".-" else "-" for c in socket.gethostname())[:100] or "replica"
+        return f"{host}-{port}"

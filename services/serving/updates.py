@@ -1,0 +1,143 @@
+"""Following model-updates.v1: every replica reads the whole compacted topic itself.
+
+No consumer group offsets are committed (each replica must see every version, and a
+restarted replica must find the latest one again), so partitions are assigned, not
+subscribed, from the beginning. On start the follower reads up to the end of the topic
+and hands over only the newest event for its model (older ones are history); after
+that, every new event for its model is handed over as it arrives. Malformed events are
+logged and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from schemas.codec import InvalidEvent, decode
+from schemas.events import ModelUpdateEvent
+from schemas.topics import MODEL_UPDATES
+from services.logs import event as log_event
+
+log = logging.getLogger(__name__)
+
+
+def newest_for_model(events: list[ModelUpdateEvent], model: str) -> ModelUpdateEvent | None:
+    """The last event for `model` in topic order (what compaction will keep)."""
+    for ev in reversed(events):
+        if ev.model == model:
+            return ev
+    return None
+
+
+class UpdateFollower:
+    """A thread that reads model-updates.v1 and calls `on_update` for this model's events."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        topic_prefix: str,
+        model: str,
+        replica_id: str,
+        on_update: Callable[[ModelUpdateEvent], None],
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = MODEL_UPDATES.full_name(topic_prefix)
+        self.model = model
+        self.replica_id = replica_id
+        self.on_update = on_update
+        self.caught_up = threading.Event()
+        """Set once the follower has read to the end of the topic at least once."""
+        self.invalid_events = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _consumer(self) -> Any:
+        from confluent_kafka import Consumer
+
+        return Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                # A group id librdkafka requires; nothing is ever committed under it.
+                "group.id": f"rlfeed-serving-{self.replica_id}-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,
+            }
+        )
+
+    def _assign(self, consumer: Any) -> int:
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        while not self._stop.is_set():
+            try:
+                meta = consumer.list_topics(self.topic, timeout=5)
+                topic = meta.topics.get(self.topic)
+                if topic is not None and topic.error is None and topic.partitions:
+                    parts = sorted(topic.partitions)
+                    consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
+                    return len(parts)
+            except Exception as exc:  # broker not up yet: retry
+                log_event(log, "model_updates_metadata_failed", logging.WARNING, error=str(exc))
+            self._stop.wait(2.0)
+        return 0
+
+    def _run(self) -> None:
+        from confluent_kafka import KafkaError
+
+        consumer = self._consumer()
+        try:
+            n_parts = self._assign(consumer)
+            at_end: set[int] = set()
+            backlog: list[ModelUpdateEvent] = []
+            while not self._stop.is_set():
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error() is not None:
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                        if not self.caught_up.is_set() and len(at_end) >= n_parts:
+                            newest = newest_for_model(backlog, self.model)
+                            backlog.clear()
+                            self.caught_up.set()
+                            log_event(
+                                log,
+                                "model_updates_caught_up",
+                                topic=self.topic,
+                                newest=None if newest is None else newest.version,
+                            )
+                            if newest is not None:
+                                self.on_update(newest)
+                    else:
+                        log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
+                    continue
+                try:
+                    ev = decode(ModelUpdateEvent, msg.value() or b"")
+                except InvalidEvent as exc:
+                    self.invalid_events += 1
+                    log_event(log, "model_update_invalid", logging.WARNING, offset=msg.offset(), error=str(exc))
+                    continue
+                if ev.model != self.model:
+                    continue
+                if self.caught_up.is_set():
+                    self.on_update(ev)
+                else:
+                    backlog.append(ev)
+        except Exception:
+            log.exception("model_updates_follower_crashed")
+            time.sleep(0)
+        finally:
+            consumer.close()

@@ -1,0 +1,391 @@
+"""The training loop, top to bottom.
+
+Start:
+1. load version 0 (the base model directory); publish it to the store as a full
+   snapshot if the store has no version of this model yet (not gated);
+2. restore the newest checkpoint (weights, optimiser, offsets, counters), if any;
+3. assign samples.v1 at the checkpointed offsets (earliest/latest for unseen partitions).
+
+Each step, in this order:
+1. take the next batch (prefetched and collated by the reader thread when pipelined);
+2. drop samples that went stale while queued; keep held-out samples for the gate;
+3. advantages (group-relative, else the running baseline); samples with advantage 0 are
+   not forwarded; forward/backward in micro-batches, clip, AdamW step;
+4. record the batch's offsets as consumed (and append it to the step ledger);
+5. checkpoint when due (weights + optimiser + offsets together, atomically);
+6. publish when due: gate -> store (artifact, then manifest) -> model-updates.v1 ->
+   checkpoint (so the new parent version is remembered).
+Stop (SIGINT/SIGTERM): finish the current step, checkpoint, close.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import orjson
+import torch
+from confluent_kafka import Producer
+
+from schemas.codec import decode, encode, key_of
+from schemas.events import ModelUpdateEvent, SampleEvent
+from schemas.topics import MODEL_UPDATES, SAMPLES
+from services.checkpoints.store import CheckpointStore
+from services.logs import event
+from services.trainer import gate, losses, policy, state
+from services.trainer.batching import Batch, prompt_key, too_stale
+from services.trainer.reader import SampleReader
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+def _ids(value: int | list[int] | None) -> set[int]:
+    return set() if value is None else set(value) if isinstance(value, list) else {int(value)}
+
+
+class Trainer:
+    """One online trainer for one model. `run()` until `stop` is set."""
+
+    def __init__(self, settings: TrainerSettings, bootstrap: str, stop: threading.Event | None = None) -> None:
+        s = self.settings = settings
+        self.bootstrap = bootstrap
+        self.stop = stop or threading.Event()
+        torch.set_num_threads(s.trainer_torch_threads)
+        torch.manual_seed(s.seed)
+        assert s.model_dir is not None and s.checkpoint_dir is not None and s.trainer_state_dir is not None
+        self.store = CheckpointStore(s.checkpoint_dir)
+        self.state_dir = state.model_state_dir(s.trainer_state_dir, s.model_name)
+        self.topic = SAMPLES.full_name(s.topic_prefix)
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+
+        # 1. version 0 and the frozen reference.
+        self.model, self.tokenizer = policy.load(Path(s.model_dir))
+        self.pad_id = policy.pad_id(self.tokenizer)
+        self.eos_ids = _ids(self.tokenizer.eos_token_id) | _ids(self.model.generation_config.eos_token_id)
+        if not self.store.has_version(s.model_name, 0):
+            ev = self.store.publish(s.model_name, 0, policy.weights(self.model), parent_version=None, full=True)
+            self._produce_update(ev)
+            event(log, "published", model=s.model_name, version=0, kind="full", size_bytes=ev.size_bytes, gated=False)
+        v0 = self.store.materialize(s.model_name, 0)
+        policy.load_weights(self.model, v0)
+        self.reference = policy.frozen_copy(self.model) if s.kl_coef > 0 else None
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay
+        )
+
+        # 2. resume.
+        self.meta = state.TrainerMeta(topic=self.topic)
+        if self.state_dir.is_dir():
+            state.remove_leftovers(self.state_dir)
+        ckpt = state.latest(self.state_dir)
+        if ckpt is not None:
+            meta, weights, optim = state.load(ckpt)
+            policy.load_weights(self.model, weights)
+            self.optimizer.load_state_dict(optim)
+            if meta.topic != self.topic:
+                event(log, "checkpoint_topic_mismatch", logging.WARNING, checkpoint_topic=meta.topic, topic=self.topic)
+                meta.offsets = {}
+                meta.topic = self.topic
+            self.meta = meta
+            event(
+                log,
+                "resumed",
+                checkpoint=str(ckpt),
+                step=meta.step,
+                offsets={str(k): v for k, v in meta.offsets.items()},
+                published_version=meta.published_version,
+                pid=os.getpid(),
+            )
+        latest = self.store.latest_version(s.model_name)
+        self.meta.published_version = latest if latest is not None else 0
+        self.heldout: deque[SampleEvent] = deque(
+            (SampleEvent.model_validate(x) for x in self.meta.heldout), maxlen=s.gate_heldout_samples
+        )
+        self.parent: torch.nn.Module | None = None  # latest published weights, loaded on first publish
+        self.parent_version: int | None = None
+        self.last_checkpoint_at = time.monotonic()
+        self.last_publish_at = time.monotonic()
+        self.ledger = open(self.state_dir / "ledger.jsonl", "ab") if self._mkdir() else None  # noqa: SIM115
+
+        # 3. the stream.
+        self.reader = SampleReader(
+            s, bootstrap, self.meta.offsets, current_version=lambda: self.meta.published_version, pad_id=self.pad_id
+        )
+        self.stats = {"steps": 0, "samples": 0, "optimizer_steps": 0, "wait_s": 0.0, "step_s": 0.0}
+
+    def _mkdir(self) -> bool:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return True
+
+    # --- the loop ---
+    def run(self, max_steps: int | None = None, idle_exit_s: float | None = None) -> dict[str, float]:
+        """Train until `stop` is set (or `max_steps` batches, or `idle_exit_s` without
+        data: benchmarks and tests); checkpoint and close on the way out."""
+        s = self.settings
+        if s.pipelined:
+            self.reader.start()
+        idle_since = time.monotonic()
+        started = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                batch = self.reader.get(0.2) if s.pipelined else self.reader.next_batch(self.stop)
+                self.stats["wait_s"] += time.monotonic() - t0
+                if batch is None:
+                    if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                        break
+                    self._maybe_checkpoint_and_publish()
+                    continue
+                idle_since = time.monotonic()
+                t1 = time.monotonic()
+                self.stats.setdefault("first_batch_at", t1)
+                self.step(batch)
+                self.stats["last_step_at"] = time.monotonic()
+                self.stats["step_s"] += self.stats["last_step_at"] - t1
+                self._maybe_checkpoint_and_publish()
+                if max_steps is not None and self.stats["steps"] >= max_steps:
+                    break
+        finally:
+            self.stats["elapsed_s"] = time.monotonic() - started
+            self.reader.close()
+            self.checkpoint("shutdown")
+            self.producer.flush(10)
+            if self.ledger is not None:
+                self.ledger.close()
+        return self.stats
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """Train on one batch and record its offsets as consumed."""
+        s, m = self.settings, self.meta
+        for reason, n in batch.dropped.items():
+            m.counters[reason] = m.counters.get(reason, 0) + n
+        if batch.heldout:
+            self.heldout.extend(batch.heldout)
+            m.counters["heldout"] = m.counters.get("heldout", 0) + len(batch.heldout)
+        rows = [
+            i
+            for i, x in enumerate(batch.samples)
+            if not too_stale(x.policy_version, m.published_version, s.max_staleness_versions)
+        ]
+        if len(rows) < len(batch.samples):
+            m.counters["stale"] = m.counters.get("stale", 0) + len(batch.samples) - len(rows)
+        samples = [batch.samples[i] for i in rows]
+        adv, m.baseline = losses.advantages(
+            [x.reward for x in samples], [prompt_key(x) for x in samples], m.baseline, s.baseline_decay
+        )
+        train_rows = [rows[j] for j, a in enumerate(adv) if abs(a) > 1e-8]
+        train_adv = [a for a in adv if abs(a) > 1e-8]
+        figures: dict[str, float] = {}
+        if train_rows and batch.collated is not None:
+            figures = self._optimise(batch, train_rows, train_adv)
+        m.step += 1
+        m.samples_trained += len(train_rows)
+        m.steps_since_publish += 1
+        m.samples_since_publish += len(train_rows)
+        m.offsets.update(batch.offsets_after)
+        self.stats["steps"] += 1
+        self.stats["samples"] += len(batch.samples)
+        if self.ledger is not None:
+            line = {
+                "step": m.step,
+                "pid": os.getpid(),
+                "trained": len(train_rows),
+                "samples": len(batch.samples),
+                "ranges": {str(p): list(r) for p, r in batch.ranges.items()},
+            }
+            self.ledger.write(orjson.dumps(line) + b"\n")
+            self.ledger.flush()
+        event(
+            log,
+            "step",
+            logging.DEBUG,
+            step=m.step,
+            samples=len(batch.samples),
+            trained=len(train_rows),
+            dropped=batch.dropped,
+            **figures,
+        )
+        return figures
+
+    def _optimise(self, batch: Batch, rows: list[int], adv: list[float]) -> dict[str, float]:
+        s = self.settings
+        assert batch.collated is not None
+        col = batch.collated.rows(rows)
+        adv_t = torch.tensor(adv, dtype=torch.float32)
+        n_tokens = max(col.n_tokens, 1)
+        totals: dict[str, float] = {}
+        mb = s.trainer_micro_batch_size
+        for lo in range(0, len(rows), mb):
+            part = col.rows(list(range(lo, min(lo + mb, len(rows)))))
+            logp = policy.token_logprobs(self.model, part.input_ids, part.attention_mask, part.completion_mask)
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref = policy.token_logprobs(
+                        self.reference, part.input_ids, part.attention_mask, part.completion_mask
+                    )
+            loss, st = losses.total_loss(
+                logp,
+                part.sampler_logp,
+                ref,
+                adv_t[lo : lo + mb],
+                part.completion_mask,
+                kl_coef=s.kl_coef,
+                ratio_max=s.truncate_ratio_max,
+                n_tokens=n_tokens,
+            )
+            loss.backward()
+            share = part.n_tokens / n_tokens
+            for k, v in st.items():
+                totals[k] = (
+                    max(totals.get(k, v), v)
+                    if k == "ratio_max"
+                    else totals.get(k, 0.0) + v * (1.0 if k in ("pg_loss", "kl_ref") else share)
+                )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meta.optimizer_steps += 1
+        self.stats["optimizer_steps"] += 1
+        totals["grad_norm"] = float(grad_norm)
+        return totals
+
+    # --- checkpoints and publishing ---
+    def _maybe_checkpoint_and_publish(self) -> None:
+        s, m = self.settings, self.meta
+        now = time.monotonic()
+        since_ckpt_steps = m.step - getattr(self, "_ckpt_step", -1)
+        if since_ckpt_steps > 0 and (
+            m.step % s.checkpoint_every_steps == 0 or now - self.last_checkpoint_at >= s.checkpoint_every_s
+        ):
+            self.checkpoint("periodic")
+        due = (
+            (s.publish_every_steps and m.steps_since_publish >= s.publish_every_steps)
+            or (s.publish_every_samples and m.samples_since_publish >= s.publish_every_samples)
+            or (s.publish_every_s and now - self.last_publish_at >= s.publish_every_s and m.steps_since_publish)
+        )
+        if due:
+            self.publish()
+
+    def checkpoint(self, reason: str) -> Path:
+        """Write weights, optimiser and offsets together (see services.trainer.state)."""
+        m = self.meta
+        m.heldout = [x.model_dump(mode="json") for x in self.heldout]
+        m.written_at = time.time()
+        path = state.save(
+            self.state_dir, m, policy.weights(self.model), self.optimizer.state_dict(), self.settings.checkpoints_kept
+        )
+        self._ckpt_step = m.step
+        self.last_checkpoint_at = time.monotonic()
+        event(
+            log,
+            "checkpoint",
+            step=m.step,
+            reason=reason,
+            offsets={str(k): v for k, v in m.offsets.items()},
+            path=str(path),
+        )
+        return path
+
+    def _ensure_parent(self) -> torch.nn.Module:
+        """The latest published version's weights in a frozen model (delta base, KL parent)."""
+        s = self.settings
+        latest = self.store.latest_version(s.model_name) or 0
+        if self.parent is None or self.parent_version != latest:
+            have = None
+            if self.parent is not None and self.parent_version is not None:
+                have = (self.parent_version, policy.weights(self.parent))
+            w = self.store.materialize(s.model_name, latest, have=have)
+            if self.parent is None:
+                self.parent = policy.frozen_copy(self.model, w)
+            else:
+                policy.load_weights(self.parent, w)
+            self.parent_version = latest
+        return self.parent
+
+    def publish(self) -> ModelUpdateEvent | None:
+        """Gate the current weights; if they pass, publish the next version."""
+        s, m = self.settings, self.meta
+        m.steps_since_publish = 0
+        m.samples_since_publish = 0
+        self.last_publish_at = time.monotonic()
+        parent = self._ensure_parent()
+        parent_version = self.parent_version
+        assert parent_version is not None
+        figures: dict[str, float] = {}
+        if s.gate_enabled:
+            result = gate.evaluate(
+                self.model,
+                parent,
+                list(self.heldout),
+                s,
+                pad_id=self.pad_id,
+                generate=gate.sampler(self.model, self.eos_ids, self.pad_id, s),
+            )
+            figures = result.figures
+            if not result.passed:
+                m.counters["gate_refused"] = m.counters.get("gate_refused", 0) + 1
+                event(
+                    log,
+                    "gate_refused",
+                    logging.WARNING,
+                    model=s.model_name,
+                    step=m.step,
+                    parent_version=parent_version,
+                    failures=result.failures,
+                    **figures,
+                )
+                return None
+        version = parent_version + 1
+        full = version % s.full_snapshot_every_versions == 0
+        weights = policy.copy_weights(self.model)
+        ev = self.store.publish(
+            s.model_name,
+            version,
+            weights,
+            parent_version=parent_version,
+            full=full,
+            eval_metrics=figures,
+            parent_weights=policy.weights(parent),
+        )
+        self._produce_update(ev)
+        policy.load_weights(parent, weights)
+        self.parent_version = version
+        m.published_version = version
+        m.counters["published"] = m.counters.get("published", 0) + 1
+        event(
+            log,
+            "published",
+            model=s.model_name,
+            version=version,
+            parent_version=parent_version,
+            kind=ev.artifact_kind,
+            size_bytes=ev.size_bytes,
+            step=m.step,
+            **figures,
+        )
+        self.checkpoint("published")
+        return ev
+
+    def _produce_update(self, ev: ModelUpdateEvent) -> None:
+        topic = MODEL_UPDATES.full_name(self.settings.topic_prefix)
+        self.producer.produce(topic, encode(ev), key=key_of(ev, MODEL_UPDATES.key))
+        if self.producer.flush(30) != 0:
+            raise RuntimeError(f"could not deliver the model update for version {ev.version} to {topic}")
+
+
+def rollback_event(store: CheckpointStore, model: str, version: int) -> ModelUpdateEvent:
+    """The model-updates.v1 event that republishes `version` (verified intact first)."""
+    from schemas.events import new_event_id, now_ms
+
+    original = store.manifest(model, version)
+    store.materialize(model, version)  # raises CorruptArtifact when it could not be served
+    raw = orjson.loads(encode(original))
+    raw.update(rollback=True, event_id=new_event_id(), event_time_ms=now_ms())
+    return decode(ModelUpdateEvent, orjson.dumps(raw))

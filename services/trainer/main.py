@@ -1,0 +1,96 @@
+"""`rlfeed train` and `rlfeed rollback VERSION`.
+
+Heavy imports (torch, transformers) happen inside the functions, so the CLI answers
+`--help` fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from services import logs
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger("services.trainer")
+
+
+def resolve_bootstrap(settings: TrainerSettings) -> str:
+    """`host:port` of the broker: RLFEED_KAFKA_URL, else the running embedded broker."""
+    from services.kafka.embedded import read_state
+    from services.kafka.url import bootstrap_servers
+
+    if settings.kafka_url:
+        return bootstrap_servers(settings.kafka_url)
+    broker = read_state(settings.home_dir.resolve())
+    if broker is None:
+        raise SystemExit(
+            f"no Kafka broker: none is running under {settings.home_dir.resolve()}; "
+            "start the embedded stack with `rlfeed up` or set RLFEED_KAFKA_URL=kafka://host:port"
+        )
+    return bootstrap_servers(broker.url)
+
+
+def main() -> None:
+    """Run the trainer until SIGINT/SIGTERM (the first stops after the current step and
+    writes a checkpoint; a second exits at once)."""
+    settings = TrainerSettings()
+    logs.setup(settings.log_level)
+    bootstrap = resolve_bootstrap(settings)
+
+    from services.kafka.topics import ensure_topics
+    from services.trainer.loop import Trainer
+
+    ensure_topics(bootstrap, settings.topic_prefix)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        logs.event(log, "stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    trainer = Trainer(settings, bootstrap, stop)
+    logs.event(
+        log,
+        "trainer_started",
+        model=settings.model_name,
+        pid=os.getpid(),
+        offsets={str(k): v for k, v in trainer.meta.offsets.items()},
+        step=trainer.meta.step,
+        published_version=trainer.meta.published_version,
+    )
+    stats = trainer.run()
+    logs.event(log, "trainer_stopped", **stats)
+
+
+def rollback(version: int) -> None:
+    """Republish an earlier `version` on model-updates.v1 (`rollback: true`), after checking
+    that the store can still rebuild it bit-exactly."""
+    settings = TrainerSettings()
+    logs.setup(settings.log_level)
+    bootstrap = resolve_bootstrap(settings)
+
+    from confluent_kafka import Producer
+
+    from schemas.codec import encode, key_of
+    from schemas.topics import MODEL_UPDATES
+    from services.checkpoints.store import CheckpointStore
+    from services.trainer.loop import rollback_event
+
+    assert settings.checkpoint_dir is not None
+    ev = rollback_event(CheckpointStore(settings.checkpoint_dir), settings.model_name, version)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    topic = MODEL_UPDATES.full_name(settings.topic_prefix)
+    producer.produce(topic, encode(ev), key=key_of(ev, MODEL_UPDATES.key))
+    if producer.flush(30) != 0:
+        raise SystemExit(f"could not deliver the rollback event to {topic}")
+    logs.event(log, "rolled_back", model=settings.model_name, version=version, event_id=ev.event_id)
+
+
+if __name__ == "__main__":
+    main()
