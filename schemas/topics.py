@@ -28,8 +28,8 @@ class Topic:
 
     name: str
     """Name without the deployment prefix, e.g. `feedback.v1`."""
-    event: type[Event]
-    """The pydantic model of its messages."""
+    event: type[Event] | None
+    """The pydantic model of its messages; None for internal topics (not a public contract)."""
     key: str
     """The event field used as the message key."""
     partitions: int
@@ -37,6 +37,9 @@ class Topic:
     retention_ms: int | None = 7 * DAY_MS
     """None keeps messages forever (compacted topics)."""
     extra_config: dict[str, str] = field(default_factory=dict)
+    internal: bool = False
+    """Internal state of one component (e.g. a changelog): created with the others, but
+    not described by JSON Schema, not copied to ClickHouse, and free to change."""
 
     def full_name(self, prefix: str = "") -> str:
         """The topic's name on the broker."""
@@ -61,9 +64,15 @@ REPLICA_STATUS = Topic("replica-status.v1", ReplicaStatusEvent, "replica_id", 1,
 DLQ = Topic("dlq.v1", DeadLetterEvent, "key_b64", 1, retention_ms=30 * DAY_MS)
 ROLLOUTS = Topic("rollouts.v1", RolloutEvent, "model", 1, compacted=True, retention_ms=None)
 # Internal: the streams join's state (streams/changelog.py), one partition per join partition.
-# Its values are join state, not events; `event` names the generation the state is about.
+# Its values are join state, not events.
 JOIN_CHANGELOG = Topic(
-    "streams-join-changelog.v1", GenerationEvent, "generation_id", JOIN_PARTITIONS, compacted=True, retention_ms=None
+    "streams-join-changelog.v1",
+    None,
+    "generation_id",
+    JOIN_PARTITIONS,
+    compacted=True,
+    retention_ms=None,
+    internal=True,
 )
 
 ALL_TOPICS: tuple[Topic, ...] = (
@@ -76,6 +85,8 @@ ALL_TOPICS: tuple[Topic, ...] = (
     ROLLOUTS,
     JOIN_CHANGELOG,
 )
+PUBLIC_TOPICS: tuple[Topic, ...] = tuple(t for t in ALL_TOPICS if not t.internal)
+"""The public contract: topics whose events any consumer may read."""
 BY_NAME: dict[str, Topic] = {t.name: t for t in ALL_TOPICS}
 
 

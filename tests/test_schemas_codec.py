@@ -9,7 +9,7 @@ import pytest
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import FeedbackEvent, GenerationEvent, ModelUpdateEvent, SampleEvent
-from schemas.topics import ALL_TOPICS, DLQ, FEEDBACK, GENERATIONS, SAMPLES, topic_for_name
+from schemas.topics import ALL_TOPICS, DLQ, FEEDBACK, GENERATIONS, PUBLIC_TOPICS, SAMPLES, topic_for_name
 from tests.factories import feedback, generation
 
 
@@ -135,6 +135,8 @@ def test_dead_letter_keeps_original_bytes_and_is_deterministic() -> None:
 
 def test_registry_keys_exist_on_their_events_and_join_topics_are_co_partitioned() -> None:
     for topic in ALL_TOPICS:
+        assert (topic.event is None) is topic.internal, topic.name
+    for topic in PUBLIC_TOPICS:
         assert topic.key in topic.event.model_fields, topic.name
     assert GENERATIONS.partitions == FEEDBACK.partitions == SAMPLES.partitions
     assert topic_for_name("x.samples.v1", "x.") is SAMPLES

@@ -31,7 +31,8 @@ def test_help_does_not_import_heavy_modules(repo_root: Path) -> None:
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLFEED_")}
-    return env | {"RLFEED_HOME_DIR": str(home), "RLFEED_STATUS_INTERVAL_S": "1"} | extra
+    base = {"RLFEED_HOME_DIR": str(home), "RLFEED_STATUS_INTERVAL_S": "1", "RLFEED_DASHBOARD_PORT": str(free_port())}
+    return env | base | extra
 
 
 def _wait_for(predicate, timeout_s: float):

@@ -26,7 +26,7 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
-from schemas.topics import ALL_TOPICS, DLQ, topic_for_name
+from schemas.topics import PUBLIC_TOPICS, DLQ, topic_for_name
 from services.logs import event
 from services.sink.rows import TABLES, dead_letter_row
 from services.sink.settings import SinkSettings
@@ -75,7 +75,7 @@ class Sink:
             }
         )
         self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
-        self.consumer.subscribe([t.full_name(self.prefix) for t in ALL_TOPICS])
+        self.consumer.subscribe([t.full_name(self.prefix) for t in PUBLIC_TOPICS])
 
     def close(self) -> None:
         """Leave the group (uncommitted work is redelivered to the next owner)."""

@@ -1,9 +1,10 @@
 """Run the embedded stack until Ctrl-C: broker, topics, ClickHouse migrations, sink.
 
 Start-up order: broker (or the one at RLFEED_KAFKA_URL) → topics → ClickHouse
-(chdb under home_dir, or RLFEED_CLICKHOUSE_URL) with migrations → sink thread → state
-file. Shutdown runs it backwards: the sink finishes its batch and leaves the group,
-then the broker stops. A first Ctrl-C stops cleanly; a second one exits at once.
+(chdb under home_dir, or RLFEED_CLICKHOUSE_URL) with migrations → sink thread →
+dashboard page and alert loop (services/dashboard) → state file. Shutdown runs it
+backwards: the sink finishes its batch and leaves the group, then the broker stops.
+A first Ctrl-C stops cleanly; a second one exits at once.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def run(settings: StackSettings, stop: threading.Event | None = None) -> None:
         bootstrap = broker.bootstrap
     sink = None
     sink_thread = None
+    dashboard = None
     try:
         created = ensure_topics(bootstrap, settings.topic_prefix)
         ch_url = settings.clickhouse_url or settings.embedded_clickhouse_url
@@ -65,6 +67,7 @@ def run(settings: StackSettings, stop: threading.Event | None = None) -> None:
         sink = Sink(settings, bootstrap, client)
         sink_thread = threading.Thread(target=sink.run, args=(stop,), name="sink", daemon=True)
         sink_thread.start()
+        dashboard, dashboard_url = _start_dashboard(settings, ch_url, bootstrap, stop)
         ready_s = time.monotonic() - started
         info = {
             "pid": os.getpid(),
@@ -76,6 +79,7 @@ def run(settings: StackSettings, stop: threading.Event | None = None) -> None:
             "migrations_applied": applied,
             "ready_s": round(ready_s, 2),
             "model_dir": str(settings.default_model_dir.resolve()),
+            "dashboard_url": dashboard_url,
         }
         event(log, "stack_ready", **info)
         print(_banner(info), file=sys.stderr)
@@ -84,6 +88,8 @@ def run(settings: StackSettings, stop: threading.Event | None = None) -> None:
         _report(home, info, sink, client)
     finally:
         stop.set()
+        if dashboard is not None:
+            dashboard.stop()
         if sink_thread is not None:
             sink_thread.join(30)
         if sink is not None:
@@ -92,6 +98,22 @@ def run(settings: StackSettings, stop: threading.Event | None = None) -> None:
             broker.stop()
         state.clear(home)
         event(log, "stack_stopped")
+
+
+def _start_dashboard(
+    settings: StackSettings, ch_url: str, bootstrap: str, stop: threading.Event
+) -> tuple[object | None, str | None]:
+    """The dashboard and alert loop, on their own ClickHouse client; (None, None) when off or failing."""
+    if not settings.dashboard_enabled:
+        return None, None
+    from services.dashboard.server import StackDashboard
+
+    try:
+        dashboard = StackDashboard(settings, ch_url, bootstrap)
+        return dashboard, dashboard.start(stop)
+    except Exception as exc:  # the stack is useful without its page (e.g. the port is taken)
+        event(log, "dashboard_failed", logging.WARNING, port=settings.dashboard_port, error=str(exc)[:300])
+        return None, None
 
 
 def _report(home, info: dict, sink: Sink, client) -> None:
@@ -113,6 +135,7 @@ def _banner(info: dict) -> str:
         f"  Kafka       {info['kafka_url']}  ({broker})\n"
         f"  ClickHouse  {info['clickhouse_url']}\n"
         f"  model dir   {info['model_dir']}\n"
+        f"  dashboard   {info['dashboard_url'] or 'off'}\n"
         f"  other shells: export RLFEED_KAFKA_URL={info['kafka_url']}\n"
         f"  `rlfeed status` and `rlfeed topics` show what runs; Ctrl-C stops.\n"
     )

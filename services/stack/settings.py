@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from services.dashboard.settings import DashboardSettings
 from services.sink.settings import SinkSettings
 
 
-class StackSettings(SinkSettings):
-    """`rlfeed up`: broker + topics + ClickHouse + sink. Env prefix `RLFEED_`."""
+class StackSettings(SinkSettings, DashboardSettings):
+    """`rlfeed up`: broker + topics + ClickHouse + sink + dashboard. Env prefix `RLFEED_`."""
 
     embedded_kafka_port: int = 19092
     """Loopback port of the embedded broker (used when kafka_url is unset)."""

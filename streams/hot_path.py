@@ -1,0 +1,261 @@
+"""The high-rate join: a confluent-kafka consumer and producer, run as a Faust `Service`.
+
+`HotPath` is the synchronous core (one batch per `run_once`); `JoinService` runs it in
+one dedicated thread so that librdkafka's blocking calls stay off the event loop.
+
+The order of one batch, and why a crash anywhere in it loses nothing:
+
+1. Consume up to `batch_max_messages` from generations.v1 and feedback.v1 (partition p
+   of both topics is owned by the same worker: range assignment, co-partitioned topics).
+2. State: `streams.join.process_batch` updates the per-partition dicts and returns the
+   samples, dead letters and changelog records (final value per changed key).
+3. Produce the samples and dead letters, then queue the changelog records behind them:
+   one batched produce, flushed in two steps (4 and 5).
+4. Flush the samples and dead letters (acks=all; a delivery error stops the worker).
+5. Flush the changelog records.
+6. Commit the batch's offsets (synchronously).
+
+A crash before 6 replays the batch from the last committed offsets on the next owner,
+over the state restored from the changelog. Samples are deterministic (same sample id
+for the same generation, reason and feedback), so a replay re-emits at most samples
+whose ids were already written, which consumers drop. Samples are acknowledged before
+the changelog that records them as settled: were it the other way round, a crash
+between the two would leave a key settled in the restored state with its sample never
+delivered, and the replay would treat its feedback as duplicates (a lost sample).
+On assignment, each new partition's state is rebuilt from its changelog partition
+before the first batch; on revocation the producer is flushed and nothing is left
+uncommitted (rebalances happen only inside step 1, after step 6 of the previous batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from mode import Service
+
+from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, SAMPLES
+from services import logs
+from streams.changelog import changelog_topic, read_partitions, restore
+from streams.join import FB, GEN, JoinConfig, PartitionState, Record, process_batch
+from streams.settings import StreamsSettings
+
+log = logging.getLogger(__name__)
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class HotPath:
+    """One worker's join consumer, producer and per-partition state."""
+
+    def __init__(self, settings: StreamsSettings, bootstrap: str, partitions: int = JOIN_PARTITIONS) -> None:
+        self.settings = settings
+        self.bootstrap = bootstrap
+        prefix = settings.topic_prefix
+        self.cfg = JoinConfig.from_settings(settings, partitions)
+        self.gen_topic = GENERATIONS.full_name(prefix)
+        self.fb_topic = FEEDBACK.full_name(prefix)
+        self.samples_topic = SAMPLES.full_name(prefix)
+        self.dlq_topic = DLQ.full_name(prefix)
+        self.changelog_topic = changelog_topic(prefix)
+        self.states: dict[int, PartitionState] = {}
+        self.stats: Counter[str] = Counter()
+        self.last_commit_ts = 0.0
+        self._last_tick = 0.0
+        self._delivery_errors: list[str] = []
+        self.closed = False
+        consumer_config = {
+            "bootstrap.servers": bootstrap,
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            # range keeps partition p of both co-partitioned topics on one member
+            "partition.assignment.strategy": "range",
+            "session.timeout.ms": int(settings.session_timeout_s * 1000),
+            "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
+        }
+        if settings.group_instance_id:
+            consumer_config["group.instance.id"] = settings.group_instance_id
+        self.consumer = Consumer(consumer_config)
+        self.producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "acks": "all",
+                "linger.ms": 5,
+                "batch.size": 1_000_000,
+                "queue.buffering.max.messages": 1_000_000,
+                "queue.buffering.max.kbytes": 1_048_576,
+                "delivery.report.only.error": True,
+                "on_delivery": self._on_delivery,
+            }
+        )
+        self.consumer.subscribe(
+            [self.gen_topic, self.fb_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    # --- rebalance callbacks (they run inside consume(), between batches) ---
+
+    def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        new = sorted({tp.partition for tp in tps} - set(self.states))
+        started = time.monotonic()
+        records = read_partitions(self.bootstrap, self.changelog_topic, new, self.settings.restore_timeout_s)
+        now = wall_ms()
+        for p in new:
+            self.states[p] = restore(p, records[p], self.cfg, now)
+        logs.event(
+            log,
+            "streams.assigned",
+            partitions=sorted(self.states),
+            restored={str(p): len(self.states[p].pending) + len(self.states[p].settled) for p in new},
+            changelog_records=sum(len(r) for r in records.values()),
+            restore_s=round(time.monotonic() - started, 3),
+        )
+
+    def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        remaining = self.producer.flush(self.settings.flush_timeout_s)
+        gone = {tp.partition for tp in tps}
+        for p in gone:
+            self.states.pop(p, None)
+        logs.event(log, "streams.revoked", partitions=sorted(gone), unflushed=remaining)
+
+    def _on_lost(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        for p in {tp.partition for tp in tps}:
+            self.states.pop(p, None)
+        logs.event(log, "streams.lost", level=logging.WARNING, partitions=sorted({tp.partition for tp in tps}))
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+
+    # --- one batch ---
+
+    def run_once(self) -> int:
+        """Consume, join, produce, flush and commit one batch; return its message count."""
+        s = self.settings
+        if self.closed:
+            return 0
+        msgs = self.consumer.consume(num_messages=s.batch_max_messages, timeout=s.batch_timeout_s)
+        now_s = time.monotonic()
+        if not msgs and now_s - self._last_tick < s.tick_interval_s:
+            return 0
+        self._last_tick = now_s
+        records = []
+        offsets: dict[tuple[str, int], int] = {}
+        gen_topic = self.gen_topic
+        for m in msgs:
+            if m.error() is not None:
+                if m.error().fatal():
+                    raise KafkaException(m.error())
+                logs.event(log, "streams.consume_error", level=logging.WARNING, error=str(m.error()))
+                continue
+            topic, p = m.topic(), m.partition()
+            records.append(Record(GEN if topic == gen_topic else FB, p, m.offset(), m.key(), m.value()))
+            offsets[(topic, p)] = m.offset()
+        # 2. state
+        out = process_batch(self.states, records, wall_ms(), self.cfg)
+        # 3. produce: samples and dead letters, then the changelog
+        produce = self._produce
+        for p, key, value in out.samples:
+            produce(self.samples_topic, value, key, p)
+        for key, value in out.dead_letters:
+            produce(self.dlq_topic, value, key, None)
+        # 4. flush them before the changelog can say "settled"
+        if out.samples or out.dead_letters:
+            self._flush()
+        # 5. the changelog, flushed
+        for p, key, value in out.changelog:
+            produce(self.changelog_topic, value, key, p)
+        if out.changelog:
+            self._flush()
+        # 6. commit
+        if offsets:
+            commit = [TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()]
+            self.consumer.commit(offsets=commit, asynchronous=False)
+            self.last_commit_ts = time.time()
+        self.stats.update(out.counts)
+        self.stats["batches"] += 1
+        self.stats["produced"] += len(out.samples) + len(out.dead_letters) + len(out.changelog)
+        return len(msgs)
+
+    def _flush(self) -> None:
+        remaining = self.producer.flush(self.settings.flush_timeout_s)
+        if remaining:
+            raise RuntimeError(
+                f"{remaining} messages not delivered within flush_timeout_s={self.settings.flush_timeout_s}"
+            )
+        if self._delivery_errors:
+            raise RuntimeError(f"delivery failed: {self._delivery_errors[:5]}")
+
+    def _produce(self, topic: str, value: bytes | None, key: bytes | None, partition: int | None) -> None:
+        while True:
+            try:
+                if partition is None:
+                    self.producer.produce(topic, value, key)
+                else:
+                    self.producer.produce(topic, value, key, partition)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def status(self) -> dict[str, Any]:
+        """Counters and state sizes for the web view and the status log."""
+        return {
+            "partitions": sorted(self.states),
+            "pending": sum(len(st.pending) for st in self.states.values()),
+            "settled_remembered": sum(len(st.settled) for st in self.states.values()),
+            "last_commit_ts": self.last_commit_ts,
+            **self.stats,
+        }
+
+    def close(self) -> None:
+        """Flush, then leave the group (the revoke callback runs inside close)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.producer.flush(self.settings.flush_timeout_s)
+        self.consumer.close()
+
+
+class JoinService(Service):
+    """Runs `HotPath` batches in one dedicated thread until the app stops."""
+
+    def __init__(self, settings: StreamsSettings, bootstrap: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.bootstrap = bootstrap
+        self.core: HotPath | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rlfeed-join")
+
+    async def _call(self, fn: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def on_start(self) -> None:
+        self.core = await self._call(lambda: HotPath(self.settings, self.bootstrap))
+        logs.event(log, "streams.join_started", group_id=self.settings.group_id)
+
+    @Service.task
+    async def _run(self) -> None:
+        assert self.core is not None
+        run_once = self.core.run_once
+        while not self.should_stop:
+            try:
+                await self._call(run_once)
+            except Exception as exc:
+                logs.event(log, "streams.join_failed", level=logging.ERROR, error=repr(exc))
+                await self.crash(exc)
+                return
+
+    async def on_stop(self) -> None:
+        if self.core is not None:
+            await self._call(self.core.close)
+            logs.event(log, "streams.join_stopped", **self.core.status())
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,177 @@
+"""Reward functions in a registry, and the composite reward built from their weights.
+
+Each function looks at one generation's feedback and returns its component, or None when
+its signal is absent. The composite reward is `clip(sum(weight[name] * component[name]))`
+with the weights from `StreamsSettings.reward_weights` (environment or a JSON file).
+Every sample keeps the raw components, so the reward can be audited and recomputed.
+
+| component | value |
+|---|---|
+| thumb | the latest thumb: +1 or -1 |
+| rating | the latest rating r in 1..5, normalised to (r - 3) / 2 in [-1, 1] |
+| accept | `accept_reward` (+0.75) when the latest accept/reject is an accept |
+| reject | `reject_reward` (-0.25) when the latest accept/reject is a reject |
+| edit_similarity | word-level similarity in [0, 1] between the completion and the latest edit |
+| copy | `copy_reward` when the user copied the completion |
+| regenerate | `regenerate_reward` when the user asked for another completion |
+| dwell | longest dwell / `dwell_saturation_s`, capped at 1 |
+| ttl_implicit | `ttl_implicit_reward` for a generation settled by its TTL without feedback |
+
+"Latest" means the largest (event_time_ms, arrival order).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas.events import FeedbackKind, SettleReason
+
+
+class FeedbackLike(Protocol):
+    kind: str
+    value: float | None
+    edited_text: str | None
+    event_time_ms: int
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    """The reward knobs of `StreamsSettings`, as the pure functions see them."""
+
+    accept_reward: float = 0.75
+    reject_reward: float = -0.25
+    copy_reward: float = 0.5
+    regenerate_reward: float = -0.5
+    dwell_saturation_s: float = 30.0
+    edit_similarity_max_chars: int = 20_000
+    ttl_implicit_reward: float | None = None
+    reward_clip: float = 10.0
+
+    @classmethod
+    def from_settings(cls, settings: object) -> RewardParams:
+        """Pick the reward fields out of a `StreamsSettings`."""
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class RewardInput:
+    """What a reward function sees: the completion, its feedback (deduplicated, in
+    arrival order) and how the reward settled."""
+
+    completion: str
+    feedback: Sequence[FeedbackLike]
+    settle_reason: str
+    params: RewardParams
+
+
+RewardFn = Callable[[RewardInput], float | None]
+REGISTRY: dict[str, RewardFn] = {}
+
+
+def register(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Add a reward function to the registry under `name` (a reward_weights key)."""
+
+    def deco(fn: RewardFn) -> RewardFn:
+        REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def _latest(inp: RewardInput, kinds: tuple[str, ...]) -> FeedbackLike | None:
+    best, best_key = None, None
+    for i, fb in enumerate(inp.feedback):
+        if fb.kind in kinds and (best_key is None or (fb.event_time_ms, i) >= best_key):
+            best, best_key = fb, (fb.event_time_ms, i)
+    return best
+
+
+@register("thumb")
+def thumb(inp: RewardInput) -> float | None:
+    """The latest thumb, +1 or -1."""
+    fb = _latest(inp, (FeedbackKind.THUMB,))
+    return None if fb is None else float(fb.value or 0.0)
+
+
+@register("rating")
+def rating(inp: RewardInput) -> float | None:
+    """The latest 1-5 rating normalised to [-1, 1]."""
+    fb = _latest(inp, (FeedbackKind.RATING,))
+    return None if fb is None else (float(fb.value or 3.0) - 3.0) / 2.0
+
+
+@register("accept")
+def accept(inp: RewardInput) -> float | None:
+    """accept_reward when the latest accept/reject is an accept."""
+    fb = _latest(inp, (FeedbackKind.ACCEPT, FeedbackKind.REJECT))
+    return inp.params.accept_reward if fb is not None and fb.kind == FeedbackKind.ACCEPT else None
+
+
+@register("reject")
+def reject(inp: RewardInput) -> float | None:
+    """reject_reward when the latest accept/reject is a reject."""
+    fb = _latest(inp, (FeedbackKind.ACCEPT, FeedbackKind.REJECT))
+    return inp.params.reject_reward if fb is not None and fb.kind == FeedbackKind.REJECT else None
+
+
+def edit_similarity_of(completion: str, edited: str, max_chars: int) -> float:
+    """Word-level similarity in [0, 1] of two texts (difflib ratio; 1 for two empty texts)."""
+    a, b = completion[:max_chars].split(), edited[:max_chars].split()
+    if not a and not b:
+        return 1.0
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+@register("edit_similarity")
+def edit_similarity(inp: RewardInput) -> float | None:
+    """Similarity of the completion and the latest edited text."""
+    fb = _latest(inp, (FeedbackKind.EDIT,))
+    if fb is None:
+        return None
+    return edit_similarity_of(inp.completion, fb.edited_text or "", inp.params.edit_similarity_max_chars)
+
+
+@register("copy")
+def copy(inp: RewardInput) -> float | None:
+    """copy_reward when the completion was copied."""
+    return inp.params.copy_reward if _latest(inp, (FeedbackKind.COPY,)) is not None else None
+
+
+@register("regenerate")
+def regenerate(inp: RewardInput) -> float | None:
+    """regenerate_reward when the user asked for another completion."""
+    return inp.params.regenerate_reward if _latest(inp, (FeedbackKind.REGENERATE,)) is not None else None
+
+
+@register("dwell")
+def dwell(inp: RewardInput) -> float | None:
+    """Longest dwell over dwell_saturation_s, capped at 1."""
+    values = [fb.value or 0.0 for fb in inp.feedback if fb.kind == FeedbackKind.DWELL]
+    return None if not values else min(max(values) / inp.params.dwell_saturation_s, 1.0)
+
+
+@register("ttl_implicit")
+def ttl_implicit(inp: RewardInput) -> float | None:
+    """ttl_implicit_reward for a generation that expired without feedback."""
+    if inp.settle_reason == SettleReason.TTL and not inp.feedback:
+        return inp.params.ttl_implicit_reward
+    return None
+
+
+def components(inp: RewardInput) -> dict[str, float]:
+    """Every registered component that applies to this input."""
+    out = {}
+    for name, fn in REGISTRY.items():
+        value = fn(inp)
+        if value is not None:
+            out[name] = float(value)
+    return out
+
+
+def composite(parts: dict[str, float], weights: dict[str, float], clip: float) -> float:
+    """The weighted sum of the components, clipped to [-clip, clip]."""
+    total = sum(weights.get(name, 0.0) * value for name, value in parts.items())
+    return max(-clip, min(clip, total))

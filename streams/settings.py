@@ -1,0 +1,129 @@
+"""The one settings model of the streams worker (`RLFEED_` environment variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from pydantic import Field, model_validator
+
+from services.config import RlfeedSettings
+
+
+class StreamsSettings(RlfeedSettings):
+    """Windows, caps, reward weights and client knobs of the join worker."""
+
+    group_id: str = "rlfeed-streams"
+    """Consumer group of the join (the Faust app id is `<topic_prefix><group_id>`)."""
+
+    # --- windows (event time, with a wall-clock tick) ---
+    settle_window_s: float = Field(30.0, gt=0)
+    """A reward settles this long (event time) after the first feedback, unless a
+    terminal signal (accept, reject, final edit) settles it earlier."""
+    generation_ttl_s: float = Field(600.0, gt=0)
+    """A generation with no feedback this long after it was generated expires: it is
+    dropped, or settled with `ttl_implicit_reward` when that is set."""
+    orphan_feedback_ttl_s: float = Field(600.0, gt=0)
+    """Feedback whose generation has not arrived this long after the first such
+    feedback is dead-lettered (reason `orphan feedback`)."""
+    correction_window_s: float = Field(3600.0, ge=0)
+    """How long a settled generation is remembered: feedback that arrives within it
+    produces a correction sample; later feedback is dead-lettered (reason `late`)."""
+    max_clock_skew_s: float = Field(300.0, gt=0)
+    """Events stamped further than this in the future (wall clock) are dead-lettered,
+    so that one bad clock cannot expire a whole partition."""
+    tick_interval_s: float = Field(1.0, gt=0)
+    """Wall-clock tick: how often an idle worker advances its partitions' event clocks."""
+
+    # --- bounds (per partition) ---
+    max_pending_generations: int = Field(50_000, ge=1)
+    """Pending (unsettled) keys kept per partition; beyond it the oldest expires early."""
+    max_settled_keys: int = Field(20_000, ge=0)
+    """Settled keys remembered per partition for corrections; beyond it the oldest is forgotten."""
+    max_feedback_per_generation: int = Field(64, ge=1)
+    """Feedback events kept per generation; more are dead-lettered."""
+
+    max_dead_letter_bytes: int = Field(900_000, ge=10_000)
+    """Largest dead letter written; a bigger one keeps only the first bytes of the
+    original (base64 grows it by 4/3, and brokers refuse messages over ~1 MB)."""
+
+    # --- per-user cap ---
+    user_cap_samples_per_window: int = Field(1000, ge=1)
+    """Most samples one pseudonymous user may contribute per cap window (all partitions
+    together; each of the P join partitions allows ceil(cap / P))."""
+    user_cap_window_s: float = Field(3600.0, gt=0)
+    """Length of the tumbling event-time window the user cap counts in."""
+
+    # --- rewards ---
+    ttl_implicit_reward: float | None = None
+    """Reward of a generation that got no feedback before its TTL; unset: drop it."""
+    accept_reward: float = 0.75
+    """Implicit reward of an accept."""
+    reject_reward: float = -0.25
+    """Implicit reward of a reject."""
+    copy_reward: float = 0.5
+    """Implicit reward of a copy of the completion."""
+    regenerate_reward: float = -0.5
+    """Implicit reward of a regenerate (the user asked for another completion)."""
+    dwell_saturation_s: float = Field(30.0, gt=0)
+    """Dwell time (seconds) at which the dwell component reaches 1."""
+    edit_similarity_max_chars: int = Field(20_000, ge=1)
+    """Texts are cut to this many characters before the edit similarity is computed."""
+    reward_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "thumb": 1.0,
+            "rating": 1.0,
+            "accept": 1.0,
+            "reject": 1.0,
+            "edit_similarity": 1.0,
+            "copy": 1.0,
+            "regenerate": 1.0,
+            "dwell": 0.25,
+            "ttl_implicit": 1.0,
+        }
+    )
+    """Weight of each reward component in the composite reward (JSON in
+    `RLFEED_REWARD_WEIGHTS`); a component missing here has weight 0."""
+    reward_weights_file: Path | None = None
+    """A JSON file `{"component": weight}` whose entries override `reward_weights`."""
+    reward_clip: float = Field(10.0, gt=0)
+    """The composite reward is clipped to [-reward_clip, +reward_clip]."""
+
+    # --- client ---
+    batch_max_messages: int = Field(5000, ge=1)
+    """Most messages one hot-path batch consumes."""
+    batch_timeout_s: float = Field(0.2, gt=0)
+    """How long one consume call waits for messages."""
+    group_instance_id: str | None = None
+    """Static group membership (a stable per-worker name, e.g. the pod name): a worker
+    restarted with the same id gets its partitions back at once, without waiting for
+    the session of its dead predecessor to expire (noida-db never expired it here)."""
+    session_timeout_s: float = Field(15.0, ge=1)
+    """Consumer-group session timeout: how long a dead worker holds its partitions."""
+    max_poll_interval_s: float = Field(60.0, ge=1)
+    """Longest a batch (with its changelog restore) may take between two consume calls;
+    also how long a rebalance waits for a member that stopped answering."""
+    restore_timeout_s: float = Field(60.0, gt=0)
+    """Longest a changelog restore of one assignment may take before the worker fails."""
+    flush_timeout_s: float = Field(30.0, gt=0)
+    """Longest the producer flush of one batch may take before the worker fails."""
+    status_interval_s: float = Field(30.0, gt=0)
+    """How often the worker logs its join counters (`streams.status`)."""
+    web_enabled: bool = True
+    """Serve the Faust web view (`/streams/status`)."""
+    web_port: int = Field(6066, ge=0, le=65535)
+    """Port of the web view (0: pick a free one)."""
+
+    @model_validator(mode="after")
+    def _load_weights_file(self) -> StreamsSettings:
+        if self.reward_weights_file is not None:
+            extra = orjson.loads(Path(self.reward_weights_file).read_bytes())
+            if not isinstance(extra, dict):
+                raise ValueError("reward_weights_file: expected a JSON object of weights")
+            self.reward_weights = {**self.reward_weights, **{str(k): float(v) for k, v in extra.items()}}
+        from streams.rewards import REGISTRY
+
+        unknown = sorted(set(self.reward_weights) - set(REGISTRY))
+        if unknown:
+            raise ValueError(f"reward_weights: unknown components {unknown}; known: {sorted(REGISTRY)}")
+        return self
