@@ -89,7 +89,7 @@ def run_one(path: Path, batch: int, args: argparse.Namespace) -> dict[str, float
     settings = ServingSettings(
         model_dir=path,
         model_name="bench",
-        port=0,
+        serving_port=0,
         home_dir=Path(tempfile.mkdtemp(prefix="rlfeed-bench-")),
         kafka_url=None,
         follow_updates=False,

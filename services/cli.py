@@ -158,6 +158,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run one serving replica (OpenAI API)").set_defaults(
         fn=lambda a: _delegate("services.serving.main", "main")
     )
+    sub.add_parser("gateway", help="run the ingest gateway (HTTP -> Kafka)").set_defaults(
+        fn=lambda a: _delegate("services.gateway.main", "main")
+    )
+    keys = sub.add_parser("keys", help="manage gateway API keys").add_subparsers(dest="action", required=True)
+    create_key = keys.add_parser("create", help="create an API key for a tenant (printed once)")
+    create_key.add_argument("--tenant", required=True)
+    create_key.set_defaults(fn=lambda a: _delegate("services.gateway.keys", "create_key_cli", a.tenant))
     sub.add_parser("train", help="run the online trainer").set_defaults(
         fn=lambda a: _delegate("services.trainer.main", "main")
     )

@@ -37,7 +37,7 @@ def server(kafka_bootstrap: str, module_prefix: str, tiny_model_dir: Path, tmp_p
         topic_prefix=module_prefix,
         model_dir=tiny_model_dir,
         model_name=MODEL,
-        port=0,
+        serving_port=0,
         home_dir=tmp_path_factory.mktemp("home"),
         replica_id="api-test",
         max_batch_size=8,

@@ -54,7 +54,7 @@ def test_hot_swap_corrupt_update_rollback_and_catch_up(
         topic_prefix=topic_prefix,
         model_dir=tiny_model_dir,
         model_name=MODEL,
-        port=0,
+        serving_port=0,
         home_dir=tmp_path / "home",
         checkpoint_dir=store.root,
         replica_id="swap-a",

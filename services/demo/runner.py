@@ -68,7 +68,8 @@ def run(settings: DemoSettings) -> dict:
         urls = []
         for i in range(settings.demo_replicas):
             port = settings.demo_first_port + i
-            replica = Child(f"replica-{i}", ["serve"], child_env(env, port=port, replica_id=f"replica-{i}"), logs)
+            replica_env = child_env(env, serving_port=port, replica_id=f"replica-{i}")
+            replica = Child(f"replica-{i}", ["serve"], replica_env, logs)
             children.append(replica.start())
             urls.append(f"http://127.0.0.1:{port}")
         for url, replica in zip(urls, children[-len(urls) :], strict=True):

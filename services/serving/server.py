@@ -8,11 +8,11 @@ in a background thread, for tests and benchmarks.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from typing import Any
 
+from services.listen import bind_socket
 from services.logs import event as log_event
 from services.serving.settings import ServingSettings
 
@@ -40,17 +40,6 @@ def resolve_bootstrap(settings: ServingSettings) -> str | None:
     return None
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0: a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 def build_replica(settings: ServingSettings, port: int, *, store: Any = None) -> Any:
     """Load the engine and wire a Replica for a server listening on `port`."""
     from services.serving.engines import load_engine
@@ -67,7 +56,7 @@ def build_replica(settings: ServingSettings, port: int, *, store: Any = None) ->
         client_id=f"rlfeed-serving-{replica_id}",
     )
     engine = load_engine(settings)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    host = "127.0.0.1" if settings.serving_host in ("0.0.0.0", "::") else settings.serving_host
     url = f"http://{host}:{port}/v1"
     return Replica(settings, engine, sink, bootstrap=bootstrap, replica_id=replica_id, url=url, store=store)
 
@@ -90,11 +79,11 @@ def run_forever(settings: ServingSettings) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers), then shut down gracefully."""
     from services.serving.app import create_app
 
-    sock = bind_socket(settings.host, settings.port)
+    sock = bind_socket(settings.serving_host, settings.serving_port)
     port = sock.getsockname()[1]
     replica = build_replica(settings, port)
     server = _uvicorn_server(create_app(replica), settings)
-    log_event(log, "serving_listen", host=settings.host, port=port, replica_id=replica.replica_id)
+    log_event(log, "serving_listen", host=settings.serving_host, port=port, replica_id=replica.replica_id)
     server.run(sockets=[sock])
 
 
@@ -104,7 +93,7 @@ class ServerThread:
     def __init__(self, settings: ServingSettings, *, store: Any = None) -> None:
         from services.serving.app import create_app
 
-        self.sock = bind_socket(settings.host, settings.port)
+        self.sock = bind_socket(settings.serving_host, settings.serving_port)
         self.port = self.sock.getsockname()[1]
         self.replica = build_replica(settings, self.port, store=store)
         self.server = _uvicorn_server(create_app(self.replica), settings)

@@ -12,11 +12,11 @@ from services.config import RlfeedSettings
 
 
 class ServingSettings(RlfeedSettings):
-    """One serving replica. Run several at once by giving each its own `port`."""
+    """One serving replica. Run several at once by giving each its own `serving_port`."""
 
-    host: str = "127.0.0.1"
+    serving_host: str = "127.0.0.1"
     """Interface the HTTP server binds to (0.0.0.0 to accept remote clients)."""
-    port: int = 8000
+    serving_port: int = 8000
     """TCP port of the HTTP server; 0 picks a free one (reported in replica-status)."""
     replica_id: str | None = None
     """Id on replica-status.v1 and in generation events; unset: `<hostname>-<port>`."""
@@ -66,8 +66,8 @@ class ServingSettings(RlfeedSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServingSettings:
-        if not 0 <= self.port < 65536:
-            raise ValueError("port: must be 0..65535")
+        if not 0 <= self.serving_port < 65536:
+            raise ValueError("serving_port: must be 0..65535")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size: must be >= 1")
         if self.batch_wait_ms < 0:

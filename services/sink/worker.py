@@ -26,7 +26,7 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
-from schemas.topics import PUBLIC_TOPICS, DLQ, topic_for_name
+from schemas.topics import DLQ, PUBLIC_TOPICS, topic_for_name
 from services.logs import event
 from services.sink.rows import TABLES, dead_letter_row
 from services.sink.settings import SinkSettings
