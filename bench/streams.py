@@ -37,6 +37,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from schemas.codec import encode
 from schemas.events import FeedbackEvent, GenerationEvent
 from schemas.topics import FEEDBACK, GENERATIONS, JOIN_PARTITIONS, SAMPLES
+from services.kafka.producers import producer_config
 from services.kafka.topics import ensure_topics
 from services.kafka.url import bootstrap_servers
 
@@ -112,7 +113,7 @@ def make_events(n: int, seed: int = 7) -> list[GenerationEvent | FeedbackEvent]:
 
 
 def produce_all(bootstrap: str, prefix: str, events: list) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000})
+    producer = Producer({**producer_config(bootstrap), "linger.ms": 20, "batch.size": 1_000_000})
     for e in events:
         topic = GENERATIONS if isinstance(e, GenerationEvent) else FEEDBACK
         while True:
@@ -157,7 +158,7 @@ def bench_raw(bootstrap: str, prefix: str, n: int, out_topic: str) -> float:
     )
     producer = Producer(
         {
-            "bootstrap.servers": bootstrap,
+            **producer_config(bootstrap),
             "acks": "all",
             "linger.ms": 5,
             "batch.size": 1_000_000,

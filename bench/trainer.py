@@ -25,6 +25,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from services.kafka.producers import producer_config
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -114,7 +116,7 @@ def main() -> None:
 
         vocab = len(AutoTokenizer.from_pretrained(model_dir))
         samples = make_samples(args.samples, "bench-policy", vocab)
-        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+        producer = Producer({**producer_config(bootstrap), "linger.ms": 20})
         for ev in samples:
             producer.produce(SAMPLES.full_name(prefix), encode(ev), key=key_of(ev, SAMPLES.key))
         producer.flush(60)

@@ -41,6 +41,7 @@ from mode import Service
 
 from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, SAMPLES
 from services import logs
+from services.kafka.producers import producer_config
 from streams.changelog import changelog_topic, read_partitions, restore
 from streams.join import FB, GEN, JoinConfig, PartitionState, Record, process_batch
 from streams.settings import StreamsSettings
@@ -88,7 +89,7 @@ class HotPath:
         self.consumer = Consumer(consumer_config)
         self.producer = Producer(
             {
-                "bootstrap.servers": bootstrap,
+                **producer_config(bootstrap),
                 "acks": "all",
                 "linger.ms": 5,
                 "batch.size": 1_000_000,

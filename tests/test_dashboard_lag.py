@@ -9,11 +9,12 @@ from services.dashboard.lag import LagProbe
 from services.dashboard.monitor import Monitor
 from services.dashboard.panels import Store
 from services.dashboard.settings import DashboardSettings
+from services.kafka.producers import producer_config
 
 
 def test_lag_probe_reads_committed_offsets(kafka_bootstrap: str, topic_prefix: str, clickhouse) -> None:
     topic = GENERATIONS.full_name(topic_prefix)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer = Producer({**producer_config(kafka_bootstrap)})
     for _ in range(12):
         producer.produce(topic, b"{}", key=b"k", partition=0)
     assert producer.flush(30) == 0

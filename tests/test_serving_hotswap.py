@@ -14,6 +14,7 @@ import pytest
 from schemas.codec import encode, key_of
 from schemas.events import GenerationEvent, ModelUpdateEvent, ReplicaStatusEvent
 from schemas.topics import GENERATIONS, MODEL_UPDATES, REPLICA_STATUS
+from services.kafka.producers import producer_config
 from tests.test_serving_support import consume, wait_for
 
 MODEL = "swap-policy"
@@ -22,7 +23,7 @@ MODEL = "swap-policy"
 def _produce(bootstrap: str, prefix: str, ev: ModelUpdateEvent) -> None:
     from confluent_kafka import Producer
 
-    p = Producer({"bootstrap.servers": bootstrap})
+    p = Producer({**producer_config(bootstrap)})
     p.produce(MODEL_UPDATES.full_name(prefix), value=encode(ev), key=key_of(ev, MODEL_UPDATES.key))
     assert p.flush(30) == 0
 

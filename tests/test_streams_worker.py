@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from schemas.codec import encode
 from schemas.events import FeedbackEvent, GenerationEvent, now_ms
 from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, SAMPLES
+from services.kafka.producers import producer_config
 from services.kafka.topics import ensure_topics
 from streams.changelog import changelog_topic, read_partitions, restore
 from streams.join import JoinConfig
@@ -116,7 +117,7 @@ class Reader:
 
 
 def produce(bootstrap: str, prefix: str, events: list, raw: list[tuple[str, bytes, bytes]] = ()) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    producer = Producer({**producer_config(bootstrap), "linger.ms": 5})
     for e in events:
         topic = GENERATIONS if isinstance(e, GenerationEvent) else FEEDBACK
         producer.produce(topic.full_name(prefix), encode(e), e.generation_id.encode())

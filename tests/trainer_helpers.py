@@ -10,6 +10,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from schemas.codec import encode, key_of
 from schemas.events import SampleEvent, SettleReason
 from schemas.topics import SAMPLES
+from services.kafka.producers import producer_config
 
 MODEL = "tiny-policy"
 
@@ -45,7 +46,7 @@ def make_samples(
 
 
 def produce(bootstrap: str, topic: str, events: list, key_field: str = SAMPLES.key) -> None:
-    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    p = Producer({**producer_config(bootstrap), "linger.ms": 5})
     for ev in events:
         p.produce(
             topic,

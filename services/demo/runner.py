@@ -19,7 +19,6 @@ import time
 import httpx
 import orjson
 
-from schemas.codec import encode, key_of
 from schemas.events import FeedbackEvent
 from schemas.topics import FEEDBACK
 from services.demo.children import Child, base_env, child_env
@@ -89,20 +88,21 @@ def run(settings: DemoSettings) -> dict:
 
 
 async def _simulate(settings: DemoSettings, preference, children: list[Child], started: float) -> dict:
-    from aiokafka import AIOKafkaProducer
-
     from services.kafka.url import bootstrap_servers
+    from services.sdk.client import AsyncFeedbackClient
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(settings.kafka_url), acks="all", linger_ms=5)
-    await producer.start()
-    topic = FEEDBACK.full_name(settings.topic_prefix)
+    # Feedback goes through the SDK, as a product app would send it.
+    client = AsyncFeedbackClient(
+        transport="kafka", bootstrap=bootstrap_servers(settings.kafka_url), topic_prefix=settings.topic_prefix
+    )
 
     async def send(feedback: FeedbackEvent) -> None:
-        await producer.send(topic, encode(feedback), key=key_of(feedback, FEEDBACK.key))
+        if not client.enqueue(FEEDBACK, feedback):
+            raise RuntimeError("SDK buffer full")
 
     population = Population(settings, preference, send)
     runner = asyncio.create_task(population.run(stop))
@@ -120,7 +120,7 @@ async def _simulate(settings: DemoSettings, preference, children: list[Child], s
                 stop.set()
         await runner
     finally:
-        await producer.stop()
+        await client.close()
     return population.summary()
 
 

@@ -21,6 +21,7 @@ from collections import Counter
 from functools import partial
 from typing import Any
 
+from services.kafka.producers import producer_config
 from services.logs import event as log_event
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class KafkaSink:
         self._stop = threading.Event()
         self._producer = Producer(
             {
-                "bootstrap.servers": bootstrap,
+                **producer_config(bootstrap),
                 "client.id": client_id,
                 "acks": "all",
                 "enable.idempotence": enable_idempotence,

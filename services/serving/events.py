@@ -18,6 +18,7 @@ from typing import Any
 from schemas.codec import encode, key_of
 from schemas.events import Event, FinishReason, GenerationEvent, SamplingParams
 from schemas.topics import Topic
+from services.kafka.producers import producer_config
 from services.logs import event as log_event
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class EventSink:
 
         self._producer = Producer(
             {
-                "bootstrap.servers": bootstrap,
+                **producer_config(bootstrap),
                 "client.id": client_id,
                 "queue.buffering.max.messages": buffer_max,
                 "message.timeout.ms": int(delivery_timeout_s * 1000),

@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.topics import DLQ, PUBLIC_TOPICS, topic_for_name
+from services.kafka.producers import producer_config
 from services.logs import event
 from services.sink.rows import TABLES, dead_letter_row
 from services.sink.settings import SinkSettings
@@ -74,7 +75,7 @@ class Sink:
                 "enable.partition.eof": False,
             }
         )
-        self.producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+        self.producer = Producer({**producer_config(bootstrap), "acks": "all", "linger.ms": 5})
         self.consumer.subscribe([t.full_name(self.prefix) for t in PUBLIC_TOPICS])
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from schemas.codec import decode, encode, key_of
 from schemas.events import ModelUpdateEvent, SampleEvent
 from schemas.topics import MODEL_UPDATES, SAMPLES
 from services.checkpoints.store import CheckpointStore
+from services.kafka.producers import producer_config
 from services.logs import event
 from services.trainer import gate, losses, policy, state
 from services.trainer.batching import Batch, prompt_key, too_stale
@@ -61,7 +62,7 @@ class Trainer:
         self.store = CheckpointStore(s.checkpoint_dir)
         self.state_dir = state.model_state_dir(s.trainer_state_dir, s.model_name)
         self.topic = SAMPLES.full_name(s.topic_prefix)
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        self.producer = Producer({**producer_config(bootstrap), "linger.ms": 5})
 
         # 1. version 0 and the frozen reference.
         self.model, self.tokenizer = policy.load(Path(s.model_dir))

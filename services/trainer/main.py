@@ -12,6 +12,7 @@ import signal
 import threading
 
 from services import logs
+from services.kafka.producers import producer_config
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger("services.trainer")
@@ -84,7 +85,7 @@ def rollback(version: int) -> None:
 
     assert settings.checkpoint_dir is not None
     ev = rollback_event(CheckpointStore(settings.checkpoint_dir), settings.model_name, version)
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer({**producer_config(bootstrap)})
     topic = MODEL_UPDATES.full_name(settings.topic_prefix)
     producer.produce(topic, encode(ev), key=key_of(ev, MODEL_UPDATES.key))
     if producer.flush(30) != 0:

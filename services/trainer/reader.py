@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import SampleEvent
 from schemas.topics import DLQ, SAMPLES
+from services.kafka.producers import producer_config
 from services.logs import event
 from services.trainer.batching import Batch, collate, is_heldout, too_stale
 from services.trainer.settings import TrainerSettings
@@ -56,7 +57,7 @@ class SampleReader:
                 "fetch.wait.max.ms": 100,
             }
         )
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 50})
+        self.producer = Producer({**producer_config(bootstrap), "linger.ms": 50})
         meta = self.consumer.list_topics(self.topic, timeout=30)
         parts = meta.topics[self.topic].partitions if self.topic in meta.topics else {}
         if not parts:
