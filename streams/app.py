@@ -48,8 +48,8 @@ def create_app(settings: StreamsSettings, bootstrap: str) -> StreamsApp:
         broker=f"kafka://{bootstrap}",
         store="memory://",
         topic_partitions=1,
-        web_enabled=settings.web_enabled,
-        web_port=settings.web_port,
+        web_enabled=settings.streams_web_enabled,
+        web_port=settings.streams_web_port,
         web_bind="127.0.0.1",
         consumer_auto_offset_reset="latest",
     )

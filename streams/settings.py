@@ -109,9 +109,9 @@ class StreamsSettings(RlfeedSettings):
     """Longest the producer flush of one batch may take before the worker fails."""
     status_interval_s: float = Field(30.0, gt=0)
     """How often the worker logs its join counters (`streams.status`)."""
-    web_enabled: bool = True
+    streams_web_enabled: bool = True
     """Serve the Faust web view (`/streams/status`)."""
-    web_port: int = Field(6066, ge=0, le=65535)
+    streams_web_port: int = Field(6066, ge=0, le=65535)
     """Port of the web view (0: pick a free one)."""
 
     @model_validator(mode="after")

@@ -43,7 +43,7 @@ class Worker:
             "RLFEED_KAFKA_URL": f"kafka://{bootstrap}",
             "RLFEED_TOPIC_PREFIX": prefix,
             "RLFEED_GROUP_ID": group,
-            "RLFEED_WEB_ENABLED": "false",
+            "RLFEED_STREAMS_WEB_ENABLED": "false",
             "RLFEED_LOG_LEVEL": "info",
             "RLFEED_SESSION_TIMEOUT_S": "6",
             "RLFEED_MAX_POLL_INTERVAL_S": "10",

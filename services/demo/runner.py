@@ -15,6 +15,7 @@ import contextlib
 import signal
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import orjson
@@ -47,13 +48,14 @@ def run(settings: DemoSettings) -> dict:
     children: list[Child] = []
     started = time.monotonic()
     try:
-        kafka_url = settings.kafka_url
-        if kafka_url is None:
-            stack = Child("stack", ["up"], child_env(env, embedded_kafka_port=settings.demo_embedded_kafka_port), logs)
-            children.append(stack.start())
-            stack.wait_ready(lambda: stack_state.read(home) is not None, settings.demo_startup_timeout_s)
-            kafka_url = stack_state.read(home)["kafka_url"]
-            _say(f"stack up: {kafka_url}, ClickHouse {stack_state.read(home)['clickhouse_url']}")
+        # The stack owns ClickHouse and the sink; it starts the embedded broker unless
+        # RLFEED_KAFKA_URL names one.
+        stack = Child("stack", ["up"], child_env(env, embedded_kafka_port=settings.demo_embedded_kafka_port), logs)
+        children.append(stack.start())
+        stack.wait_ready(lambda: stack_state.read(home) is not None, settings.demo_startup_timeout_s)
+        up = stack_state.read(home)
+        kafka_url = up["kafka_url"]
+        _say(f"stack up: {kafka_url}, ClickHouse {up['clickhouse_url']}, dashboard {up.get('dashboard_url')}")
         env = child_env(env, kafka_url=kafka_url)
         streams = Child("streams", ["streams"], child_env(env, settle_window_s=settings.demo_settle_window_s), logs)
         children.append(streams.start())
@@ -62,8 +64,10 @@ def run(settings: DemoSettings) -> dict:
             publish_every_steps=settings.demo_publish_every_steps,
             publish_every_s=0,
             trainer_batch_size=settings.demo_trainer_batch_size,
+            heldout_every=settings.demo_heldout_every,
         )
-        children.append(Child("trainer", ["train"], trainer_env, logs).start())
+        trainer = Child("trainer", ["train"], trainer_env, logs)
+        children.append(trainer.start())
         urls = []
         for i in range(settings.demo_replicas):
             port = settings.demo_first_port + i
@@ -75,16 +79,87 @@ def run(settings: DemoSettings) -> dict:
             replica.wait_ready(
                 lambda u=url: httpx.get(f"{u}/health", timeout=2).status_code == 200, settings.demo_startup_timeout_s
             )
-        _say(f"{len(urls)} replicas up: {', '.join(urls)}; logs in {logs}")
+        trainer.wait_ready(
+            lambda: b'"trainer_started"' in trainer.log_path.read_bytes(), settings.demo_startup_timeout_s
+        )
+        _say(f"trainer up; {len(urls)} replicas up: {', '.join(urls)}; logs in {logs}")
         sim_settings = settings.model_copy(update={"sim_replica_urls": tuple(urls), "kafka_url": kafka_url})
-        report = asyncio.run(_simulate(sim_settings, preference, children, started))
+        report = asyncio.run(_simulate(sim_settings, preference, children, time.monotonic()))
+        report["clickhouse_rows"] = _final_counts(home, settings)
     finally:
         for child in reversed(children):
             child.stop()
-    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["elapsed_s"] = round(time.monotonic() - started, 1)  # start-up included
+    report["streams"] = _last_log_fields(logs / "streams.log", "streams.join_stopped")
+    report["trainer"] = _last_log_fields(logs / "trainer.log", "trainer_stopped")
+    report["published_versions"] = _published_versions(logs / "trainer.log")
+    report["summary"] = summarize(report)
     (home / "demo-report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return report
+
+
+def _final_counts(home, settings: DemoSettings) -> dict | None:
+    """ClickHouse row counts once the last feedback has settled (from the stack's state file,
+    since the stack process owns the embedded database)."""
+    settled_at = time.time() + settings.demo_settle_window_s + 2
+    deadline = settled_at + 60
+    while time.time() < deadline:
+        state = stack_state.read(home)
+        if state is None:
+            return None
+        if state.get("updated_at", 0) > settled_at:
+            return state.get("clickhouse_rows")
+        time.sleep(1)
+    return None
+
+
+def _log_lines(path: Path, name: str) -> list[dict]:
+    out = []
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        if name.encode() in line:
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if record.get("event") == name:
+                out.append(record)
+    return out
+
+
+def _last_log_fields(path: Path, name: str) -> dict | None:
+    """The fields of the last `name` event a child logged (its final counters)."""
+    lines = _log_lines(path, name)
+    return lines[-1] if lines else None
+
+
+def _published_versions(path: Path) -> dict:
+    """Versions the trainer published and the ones its gate refused."""
+    published = [r.get("version") for r in _log_lines(path, "published")]
+    refused = _log_lines(path, "gate_refused")
+    return {"published": published, "gate_refused": len(refused)}
+
+
+def summarize(report: dict) -> dict:
+    """First and last policy versions that users saw, and the relative change in accept rate."""
+    versions = report.get("versions", {})
+    if not versions:
+        return {}
+    order = sorted(versions, key=int)
+    first, last = versions[order[0]], versions[order[-1]]
+    base = first["accept_rate"]
+    return {
+        "first_version": int(order[0]),
+        "last_version": int(order[-1]),
+        "first": first,
+        "last": last,
+        "relative_improvement": round((last["accept_rate"] - base) / base, 3) if base > 0 else None,
+        "versions_served": len(order),
+    }
 
 
 async def _simulate(settings: DemoSettings, preference, children: list[Child], started: float) -> dict:

@@ -11,7 +11,7 @@ class DemoSettings(SimulatorSettings):
     """`rlfeed demo`. Env prefix `RLFEED_`; every child process gets its settings from it."""
 
     demo_duration_s: float = 0.0
-    """Stop after this long; 0 runs until Ctrl-C."""
+    """Stop after the users have been active this long; 0 runs until Ctrl-C."""
     demo_replicas: int = 2
     """Serving replicas to start."""
     demo_first_port: int = 8101
@@ -28,5 +28,11 @@ class DemoSettings(SimulatorSettings):
     """The trainer publishes (through its gate) every this many optimiser steps."""
     demo_trainer_batch_size: int = 32
     """Samples per optimiser step in the demo."""
+    demo_heldout_every: int = 8
+    """The trainer holds out every Nth sample for its gate (more often than in production,
+    so the first version can be judged within minutes)."""
+    sim_concurrency: int = 24
+    """Requests in flight at once: enough for batches of ~12 per replica, where CPU
+    generation is several times more efficient than one by one."""
     demo_model_dir: Path | None = None
     """The policy model; unset: `<home_dir>/models/smollm2-135m-instruct` (built if missing)."""

@@ -46,6 +46,7 @@ class Population:
         self.stats: dict[int, VersionStats] = defaultdict(VersionStats)
         self.errors = 0
         self.feedback_sent = 0
+        self.feedback_ids: set[str] = set()
         self._pending: set[asyncio.Task] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -102,6 +103,7 @@ class Population:
         try:
             await self.send(feedback)
             self.feedback_sent += 1
+            self.feedback_ids.add(feedback.event_id)
         except Exception as exc:  # the ingest path refused or is down: count it, keep going
             self.errors += 1
             event(log, "feedback_failed", logging.WARNING, error=str(exc)[:300])
@@ -110,6 +112,8 @@ class Population:
         """Per-version figures, oldest version first."""
         return {
             "versions": {str(v): s.summary() for v, s in sorted(self.stats.items())},
+            "answers": sum(s.answers for s in self.stats.values()),
             "feedback_sent": self.feedback_sent,
+            "feedback_distinct": len(self.feedback_ids),
             "errors": self.errors,
         }

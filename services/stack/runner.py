@@ -120,7 +120,7 @@ def _report(home, info: dict, sink: Sink, client) -> None:
     counts = {}
     for table in ("generations", "feedback", "samples", "model_updates", "dead_letters"):
         try:
-            counts[table] = int(client.command(f"SELECT count() FROM {table}"))
+            counts[table] = int(client.command(f"SELECT count() FROM {table} FINAL"))
         except Exception as exc:
             counts[table] = f"unavailable: {exc}"[:80]
     snapshot = info | {"updated_at": time.time(), "sink": sink.stats.as_dict(), "clickhouse_rows": counts}
