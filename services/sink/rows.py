@@ -1,9 +1,17 @@
-"""Pure mapping from events to ClickHouse rows, one table per topic."""
+"""Pure mapping from events to ClickHouse rows, one table per topic.
+
+Each table has one *tuple* function (the sink's hot path: a tuple in `TableSpec.columns`
+order, times as integer epoch milliseconds, which DateTime64(3) takes as raw ticks) and
+one *dict* function derived from it (`TABLES`, for callers that want named fields; times
+there are timezone-aware datetimes). The tuple functions are the single source of truth.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from schemas.events import (
     DeadLetterEvent,
@@ -16,116 +24,301 @@ from schemas.events import (
     SampleEvent,
 )
 
+BASE_COLUMNS = ("event_id", "event_time", "tenant_id")
+
 
 def _ts(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def _base(e: Event) -> dict:
-    return {"event_id": e.event_id, "event_time": _ts(e.event_time_ms), "tenant_id": e.tenant_id}
+def generation_tuple(e: GenerationEvent) -> tuple:
+    """A generations row (see `GENERATIONS_COLUMNS`)."""
+    s = e.sampling
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.generation_id,
+        e.model,
+        e.policy_version,
+        e.prompt,
+        e.completion,
+        len(e.prompt_token_ids),
+        len(e.completion_token_ids),
+        float(sum(e.completion_logprobs)),
+        s.temperature,
+        s.top_p,
+        s.max_tokens,
+        str(e.finish_reason),
+        e.user_id,
+        e.session_id,
+        e.replica_id,
+        e.latency_ms,
+    )
+
+
+def feedback_tuple(e: FeedbackEvent) -> tuple:
+    """A feedback row."""
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.generation_id,
+        str(e.kind),
+        e.value,
+        e.edited_text,
+        1 if e.final else 0,
+        e.user_id,
+        e.session_id,
+    )
+
+
+def sample_tuple(e: SampleEvent) -> tuple:
+    """A samples row."""
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.generation_id,
+        e.model,
+        e.policy_version,
+        e.reward,
+        dict(e.reward_components),
+        str(e.settle_reason),
+        e.corrects_event_id,
+        len(e.feedback_event_ids),
+        len(e.completion_token_ids),
+        len(e.completion),
+        e.user_id,
+        e.generated_at_ms,
+    )
+
+
+def model_update_tuple(e: ModelUpdateEvent) -> tuple:
+    """A model_updates row."""
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.model,
+        e.version,
+        e.parent_version,
+        str(e.artifact_kind),
+        e.artifact_url,
+        e.base_version,
+        e.sha256,
+        e.size_bytes,
+        dict(e.eval_metrics),
+        1 if e.rollback else 0,
+    )
+
+
+def replica_status_tuple(e: ReplicaStatusEvent) -> tuple:
+    """A replica_status row."""
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.replica_id,
+        e.model,
+        e.version,
+        str(e.state),
+        e.engine,
+        e.url,
+        e.error,
+        e.requests_total,
+    )
+
+
+def dead_letter_tuple(e: DeadLetterEvent) -> tuple:
+    """A dead_letters row."""
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.source_topic,
+        e.source_partition,
+        e.source_offset,
+        e.key_b64,
+        e.original_b64,
+        e.error_field,
+        e.reason,
+        e.rejected_by,
+    )
+
+
+def rollout_tuple(e: RolloutEvent) -> tuple:
+    """A rollouts row."""
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.model,
+        e.stable_version,
+        e.candidate_version,
+        e.candidate_traffic,
+        str(e.decision),
+        e.reason,
+        dict(e.arms),
+    )
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One topic's table: its name, column order, tuple function and time columns."""
+
+    table: str
+    columns: tuple[str, ...]
+    row: Callable[[Any], tuple]
+    """Event -> tuple in `columns` order (times as epoch ms)."""
+    time_columns: tuple[str, ...] = ("event_time",)
+    """Columns holding epoch ms (DateTime64(3)); the dict functions turn them into datetimes."""
+
+    def as_dict(self, e: Event) -> dict:
+        """The row as a dict of column -> value, times as UTC datetimes."""
+        row = dict(zip(self.columns, self.row(e), strict=True))
+        for col in self.time_columns:
+            row[col] = _ts(row[col])
+        return row
+
+
+SPECS: dict[str, TableSpec] = {
+    "generations.v1": TableSpec(
+        "generations",
+        (
+            *BASE_COLUMNS,
+            "generation_id",
+            "model",
+            "policy_version",
+            "prompt",
+            "completion",
+            "prompt_tokens",
+            "completion_tokens",
+            "completion_logprob_sum",
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "finish_reason",
+            "user_id",
+            "session_id",
+            "replica_id",
+            "latency_ms",
+        ),
+        generation_tuple,
+    ),
+    "feedback.v1": TableSpec(
+        "feedback",
+        (*BASE_COLUMNS, "generation_id", "kind", "value", "edited_text", "final", "user_id", "session_id"),
+        feedback_tuple,
+    ),
+    "samples.v1": TableSpec(
+        "samples",
+        (
+            *BASE_COLUMNS,
+            "generation_id",
+            "model",
+            "policy_version",
+            "reward",
+            "reward_components",
+            "settle_reason",
+            "corrects_event_id",
+            "feedback_count",
+            "completion_tokens",
+            "completion_chars",
+            "user_id",
+            "generated_at",
+        ),
+        sample_tuple,
+        ("event_time", "generated_at"),
+    ),
+    "model-updates.v1": TableSpec(
+        "model_updates",
+        (
+            *BASE_COLUMNS,
+            "model",
+            "version",
+            "parent_version",
+            "artifact_kind",
+            "artifact_url",
+            "base_version",
+            "sha256",
+            "size_bytes",
+            "eval_metrics",
+            "rollback",
+        ),
+        model_update_tuple,
+    ),
+    "replica-status.v1": TableSpec(
+        "replica_status",
+        (*BASE_COLUMNS, "replica_id", "model", "version", "state", "engine", "url", "error", "requests_total"),
+        replica_status_tuple,
+    ),
+    "dlq.v1": TableSpec(
+        "dead_letters",
+        (
+            *BASE_COLUMNS,
+            "source_topic",
+            "source_partition",
+            "source_offset",
+            "key_b64",
+            "original_b64",
+            "error_field",
+            "reason",
+            "rejected_by",
+        ),
+        dead_letter_tuple,
+    ),
+    "rollouts.v1": TableSpec(
+        "rollouts",
+        (
+            *BASE_COLUMNS,
+            "model",
+            "stable_version",
+            "candidate_version",
+            "candidate_traffic",
+            "decision",
+            "reason",
+            "arms",
+        ),
+        rollout_tuple,
+    ),
+}
+"""Topic name (unprefixed) -> its table spec."""
 
 
 def generation_row(e: GenerationEvent) -> dict:
-    return _base(e) | {
-        "generation_id": e.generation_id,
-        "model": e.model,
-        "policy_version": e.policy_version,
-        "prompt": e.prompt,
-        "completion": e.completion,
-        "prompt_tokens": len(e.prompt_token_ids),
-        "completion_tokens": len(e.completion_token_ids),
-        "completion_logprob_sum": float(sum(e.completion_logprobs)),
-        "temperature": e.sampling.temperature,
-        "top_p": e.sampling.top_p,
-        "max_tokens": e.sampling.max_tokens,
-        "finish_reason": str(e.finish_reason),
-        "user_id": e.user_id,
-        "session_id": e.session_id,
-        "replica_id": e.replica_id,
-        "latency_ms": e.latency_ms,
-    }
+    """A generations row as a dict."""
+    return SPECS["generations.v1"].as_dict(e)
 
 
 def feedback_row(e: FeedbackEvent) -> dict:
-    return _base(e) | {
-        "generation_id": e.generation_id,
-        "kind": str(e.kind),
-        "value": e.value,
-        "edited_text": e.edited_text,
-        "final": int(e.final),
-        "user_id": e.user_id,
-        "session_id": e.session_id,
-    }
+    """A feedback row as a dict."""
+    return SPECS["feedback.v1"].as_dict(e)
 
 
 def sample_row(e: SampleEvent) -> dict:
-    return _base(e) | {
-        "generation_id": e.generation_id,
-        "model": e.model,
-        "policy_version": e.policy_version,
-        "reward": e.reward,
-        "reward_components": dict(e.reward_components),
-        "settle_reason": str(e.settle_reason),
-        "corrects_event_id": e.corrects_event_id,
-        "feedback_count": len(e.feedback_event_ids),
-        "completion_tokens": len(e.completion_token_ids),
-        "completion_chars": len(e.completion),
-        "user_id": e.user_id,
-        "generated_at": _ts(e.generated_at_ms),
-    }
+    """A samples row as a dict."""
+    return SPECS["samples.v1"].as_dict(e)
 
 
 def model_update_row(e: ModelUpdateEvent) -> dict:
-    return _base(e) | {
-        "model": e.model,
-        "version": e.version,
-        "parent_version": e.parent_version,
-        "artifact_kind": str(e.artifact_kind),
-        "artifact_url": e.artifact_url,
-        "base_version": e.base_version,
-        "sha256": e.sha256,
-        "size_bytes": e.size_bytes,
-        "eval_metrics": dict(e.eval_metrics),
-        "rollback": int(e.rollback),
-    }
+    """A model_updates row as a dict."""
+    return SPECS["model-updates.v1"].as_dict(e)
 
 
 def replica_status_row(e: ReplicaStatusEvent) -> dict:
-    return _base(e) | {
-        "replica_id": e.replica_id,
-        "model": e.model,
-        "version": e.version,
-        "state": str(e.state),
-        "engine": e.engine,
-        "url": e.url,
-        "error": e.error,
-        "requests_total": e.requests_total,
-    }
+    """A replica_status row as a dict."""
+    return SPECS["replica-status.v1"].as_dict(e)
 
 
 def dead_letter_row(e: DeadLetterEvent) -> dict:
-    return _base(e) | {
-        "source_topic": e.source_topic,
-        "source_partition": e.source_partition,
-        "source_offset": e.source_offset,
-        "key_b64": e.key_b64,
-        "original_b64": e.original_b64,
-        "error_field": e.error_field,
-        "reason": e.reason,
-        "rejected_by": e.rejected_by,
-    }
+    """A dead_letters row as a dict."""
+    return SPECS["dlq.v1"].as_dict(e)
 
 
 def rollout_row(e: RolloutEvent) -> dict:
-    return _base(e) | {
-        "model": e.model,
-        "stable_version": e.stable_version,
-        "candidate_version": e.candidate_version,
-        "candidate_traffic": e.candidate_traffic,
-        "decision": str(e.decision),
-        "reason": e.reason,
-        "arms": dict(e.arms),
-    }
+    """A rollouts row as a dict."""
+    return SPECS["rollouts.v1"].as_dict(e)
 
 
 TABLES: dict[str, tuple[str, Callable]] = {
@@ -137,4 +330,4 @@ TABLES: dict[str, tuple[str, Callable]] = {
     "dlq.v1": ("dead_letters", dead_letter_row),
     "rollouts.v1": ("rollouts", rollout_row),
 }
-"""Topic name (unprefixed) -> (table, row function)."""
+"""Topic name (unprefixed) -> (table, row dict function)."""

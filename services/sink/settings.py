@@ -10,6 +10,11 @@ class SinkSettings(RlfeedSettings):
 
     sink_group_id: str = "rlfeed-sink"
     """Kafka consumer group of the sink (one group reads every topic), after the topic prefix."""
+    sink_group_instance_id: str | None = None
+    """Static group membership (Kafka's group.instance.id): a stable name per sink process
+    (e.g. the pod name). A sink restarted after kill -9 then gets its partitions back at
+    once instead of waiting for the broker to expire the dead member, which the embedded
+    broker never does."""
     sink_batch_max_events: int = 5000
     """Most messages inserted per batch."""
     sink_batch_max_wait_s: float = 1.0

@@ -64,6 +64,10 @@ def run(settings: StackSettings, stop: threading.Event | None = None) -> None:
         ch_url = settings.clickhouse_url or settings.embedded_clickhouse_url
         client = connect(ch_url)
         applied = migrations.apply(client)
+        if settings.sink_group_instance_id is None:
+            # One stack per home dir: a stable member id lets a restarted stack take its
+            # partitions back at once after a crash.
+            settings = settings.model_copy(update={"sink_group_instance_id": f"stack-{home.name}"})
         sink = Sink(settings, bootstrap, client)
         sink_thread = threading.Thread(target=sink.run, args=(stop,), name="sink", daemon=True)
         sink_thread.start()
