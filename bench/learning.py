@@ -13,16 +13,13 @@ samples trained, and the stream's and ClickHouse's counts. The baseline is versi
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.demo.runner import run  # noqa: E402
-from services.demo.settings import DemoSettings  # noqa: E402
+from services.demo.runner import run
+from services.demo.settings import DemoSettings
 
 
 def main() -> None:
