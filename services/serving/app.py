@@ -369,6 +369,14 @@ def create_app(replica: Replica) -> FastAPI:
             "state": replica.state.value,
             "loading": replica.loading,
             "last_update_error": replica.last_error,
+            "last_swap": None
+            if not replica.swaps
+            else {
+                "version": replica.swaps[-1].version,
+                "served_at": replica.swaps[-1].served_at,
+                "pause_ms": round(replica.swaps[-1].pause_s * 1000, 3),
+                "load_ms": round(replica.swaps[-1].load_s * 1000, 1),
+            },
             "queue_depth": engine.queue_depth,
             "requests_total": replica.requests_total,
             "kafka": replica.bootstrap is not None,

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+PAUSE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class ReplicaMetrics:
@@ -45,6 +46,12 @@ class ReplicaMetrics:
             "rlfeed_serving_weight_load_seconds",
             "Time to materialise and swap in a version.",
             buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.swap_pause_seconds = Histogram(
+            "rlfeed_serving_weight_swap_pause_seconds",
+            "Time the generation lock is held to copy new weights in (no batch runs meanwhile).",
+            buckets=PAUSE_BUCKETS_S,
             registry=r,
         )
         self.events_emitted = Counter(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from schemas.events import ModelUpdateEvent, ReplicaState, ReplicaStatusEvent
@@ -29,6 +31,19 @@ from services.serving.settings import ServingSettings
 from services.serving.updates import UpdateFollower
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SwapRecord:
+    """One version swapped in: when it started being served and how long serving paused."""
+
+    version: int
+    served_at: float
+    """Wall-clock time (`time.time()`) the version became the one served."""
+    pause_s: float
+    """Time the generation lock was held to copy the weights in (no batch runs meanwhile)."""
+    load_s: float
+    """Time from taking the update to serving it (materialise, check, wait for the batch, copy)."""
 
 
 class Replica:
@@ -64,7 +79,11 @@ class Replica:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._loading = False
+        self.swaps: deque[SwapRecord] = deque(maxlen=1000)
+        """The latest swaps, oldest first (benchmarks read pauses and serving times here)."""
+        self._last_pause_s = 0.0
         engine.on_batch = self._on_batch
+        self._time_weight_copies()
         m = self.metrics
         m.gauge("rlfeed_serving_policy_version", "Policy version being served.", lambda: self.engine.version)
         m.gauge("rlfeed_serving_queue_depth", "Requests waiting for a batch.", lambda: self.engine.queue_depth)
@@ -165,6 +184,21 @@ class Replica:
         self.metrics.completion_tokens.inc(tokens)
 
     # --- hot swap ------------------------------------------------------------------
+    def _time_weight_copies(self) -> None:
+        """Measure the swap pause: wrap the engine's `_load_weights`, which `Engine.swap_weights`
+        calls with the generation lock held, so its duration is how long batches are held off."""
+        load = self.engine._load_weights
+
+        def timed(state_dict: dict[str, Any]) -> None:
+            started = time.perf_counter()
+            try:
+                load(state_dict)
+            finally:
+                self._last_pause_s = time.perf_counter() - started
+                self.metrics.swap_pause_seconds.observe(self._last_pause_s)
+
+        self.engine._load_weights = timed  # type: ignore[method-assign]
+
     def offer_update(self, ev: ModelUpdateEvent) -> None:
         """Queue a model update (the newest offered wins); called by the follower."""
         if ev.model != self.settings.model_name:
@@ -223,6 +257,7 @@ class Replica:
             self.state = ReplicaState.SERVING
             return False
         seconds = time.monotonic() - started
+        self.swaps.append(SwapRecord(ev.version, time.time(), self._last_pause_s, seconds))
         self.last_error = None
         self.metrics.swaps.inc()
         self.metrics.swap_seconds.observe(seconds)
@@ -234,6 +269,7 @@ class Replica:
             previous=current,
             rollback=ev.rollback,
             seconds=round(seconds, 3),
+            pause_ms=round(self._last_pause_s * 1000, 3),
         )
         self.report()
         return True

@@ -80,7 +80,11 @@ class TransformersEngine(Engine):
 
     # --- weights -------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """The served weights as the checkpoint store holds them: tied duplicates (the
+        lm_head that shares the embedding) left out, as `save_pretrained` and the trainer
+        do, so that checksums match and a delta applies to them directly."""
+        tied = self._tied_names()
+        return {k: v.detach() for k, v in self.model.state_dict().items() if k not in tied}
 
     def _tied_names(self) -> set[str]:
         """Names whose tensor shares storage with another name (tied embeddings)."""
