@@ -7,8 +7,19 @@ denormals survive) and writes, per tensor, the cheapest of:
 |---|---|
 | same | nothing: every bit equal |
 | sparse | gap-encoded indices of the changed elements + XOR of their bits |
+| bitmap | in base-exponent order: a bit per element (changed?) + zigzag differences of the changed |
 | xor | XOR of every element's bits (zero where unchanged) |
 | raw | the new tensor's bits (new name, or dtype/shape changed) |
+
+`bitmap` (format 2) is what large tensors get: a small optimiser step moves an element
+by a few units in the last place, so `new - old` of the bits, read as an integer (mod
+2**bits, zigzag-mapped so -1 -> 1, +1 -> 2), is a tiny number where the XOR is a carry
+chain; and whether an element moved at all depends mostly on its magnitude (the ulp
+against the step), so the elements are visited grouped by the exponent of their *old*
+value (a stable sort the decoder repeats from the base): the bitmap becomes long runs of
+0 (large weights, unchanged) and of 1 (small weights, all moved) that compress to almost
+nothing. Encoding picks the smaller of `bitmap` and `sparse` per tensor (`xor` when
+neither applies: a small tensor with many changes).
 
 Payload bytes are byte-plane shuffled (all first bytes, then all second bytes, ...),
 because the XOR of two close floats is zero in its high bytes, and then compressed with
@@ -18,6 +29,8 @@ result; `apply` checks both, so a delta applied to the wrong base, or a corrupte
 raises `DeltaError` instead of producing wrong weights.
 
 File layout: `MAGIC`, a little-endian u32 header length, the JSON header, the payloads.
+Format 1 (`RLFDELTA1`) has no `bitmap` mode; this module writes format 2 (`RLFDELTA2`)
+and reads both.
 """
 
 from __future__ import annotations
@@ -32,9 +45,16 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-MAGIC = b"RLFDELTA1\n"
+MAGIC = b"RLFDELTA2\n"
+"""The magic this module writes (format 2)."""
+MAGIC_V1 = b"RLFDELTA1\n"
+"""Format 1: same layout, no `bitmap` mode; still read."""
 SPARSE_MAX_FRACTION = 0.125
-"""A tensor goes sparse when at most this fraction of its elements changed."""
+"""A tensor may go sparse when at most this fraction of its elements changed."""
+BITMAP_MIN_NUMEL = 4096
+"""Tensors with fewer elements never use `bitmap` (the header dominates there anyway)."""
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
 
 
 class DeltaError(ValueError):
@@ -93,6 +113,8 @@ def _decompress(codec: str, data: bytes, expected: int) -> bytes:
 
 def _raw(t: torch.Tensor) -> np.ndarray:
     """The tensor's bytes as a flat uint8 array (no copy when already contiguous on CPU)."""
+    if t.numel() == 0:  # an empty tensor may have stride 0, which `view` refuses
+        return np.empty(0, dtype=np.uint8)
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
@@ -116,6 +138,54 @@ def _tensor(flat: np.ndarray, dtype: torch.dtype, shape: list[int]) -> torch.Ten
     if flat.size == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.ascontiguousarray(flat).copy()).view(dtype).reshape(shape)
+
+
+def _order(base: np.ndarray, dtype: torch.dtype) -> np.ndarray | None:
+    """The visiting order of `bitmap` mode: floats stably sorted by the exponent of the
+    base value (sign excluded); None (natural order) for other dtypes."""
+    mbits = _MANTISSA_BITS.get(dtype)
+    if mbits is None:
+        return None
+    nbits = 8 * base.dtype.itemsize
+    key = (base >> base.dtype.type(mbits)) & base.dtype.type((1 << (nbits - 1 - mbits)) - 1)
+    key = key.astype(np.uint8 if nbits - 1 - mbits <= 8 else np.uint16)
+    return np.argsort(key, kind="stable")
+
+
+def _bitmap_payload(base: np.ndarray, new: np.ndarray, dtype: torch.dtype) -> tuple[bytes, int]:
+    """`bitmap` payload (packed changed-bits, then shuffled zigzag differences) and count.
+    `base`/`new` are flat arrays of the element-sized unsigned type."""
+    nbits = 8 * base.dtype.itemsize
+    order = _order(base, dtype)
+    if order is not None:
+        base, new = base[order], new[order]
+    changed = base != new
+    d = (new[changed] - base[changed]).view(f"i{base.dtype.itemsize}")
+    zz = ((d << np.int8(1).astype(d.dtype)) ^ (d >> np.int8(nbits - 1).astype(d.dtype))).view(base.dtype)
+    payload = np.packbits(changed).tobytes() + _shuffle(zz.view(np.uint8), base.dtype.itemsize)
+    return payload, int(changed.sum())
+
+
+def _apply_bitmap(base: np.ndarray, payload: bytes, count: int, dtype: torch.dtype, name: str) -> np.ndarray:
+    """The new elements (flat, element-sized unsigned type) from a `bitmap` payload."""
+    numel, itemsize = base.size, base.dtype.itemsize
+    nmask = (numel + 7) // 8
+    if len(payload) != nmask + count * itemsize:
+        raise DeltaError(f"{name}: bitmap payload has the wrong size")
+    changed = np.unpackbits(np.frombuffer(payload[:nmask], np.uint8), count=numel).astype(bool)
+    if int(changed.sum()) != count:
+        raise DeltaError(f"{name}: bitmap does not match the changed count")
+    zz = _unshuffle(payload[nmask:], itemsize).view(base.dtype)
+    one = base.dtype.type(1)
+    d = (zz >> one) ^ (np.zeros_like(zz) - (zz & one))
+    order = _order(base, dtype)
+    ordered = base[order] if order is not None else base.copy()
+    ordered[changed] += d
+    if order is None:
+        return ordered
+    out = np.empty_like(base)
+    out[order] = ordered
+    return out
 
 
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -150,6 +220,7 @@ def encode(
         entry: dict[str, object] = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         base = old.get(name)
         new_raw = _raw(t)
+        data: bytes | None = None
         if base is None or base.dtype != t.dtype or tuple(base.shape) != tuple(t.shape):
             entry["mode"], payload = "raw", _shuffle(new_raw, itemsize)
         else:
@@ -158,20 +229,31 @@ def encode(
             numel = t.numel()
             if changed.size == 0:
                 entry["mode"], payload = "same", b""
-            elif changed.size <= SPARSE_MAX_FRACTION * numel:
-                gaps = np.diff(changed, prepend=-1).astype(np.uint64)
-                values = xor.reshape(-1, itemsize)[changed].reshape(-1)
-                entry["mode"], entry["count"] = "sparse", int(changed.size)
-                payload = _shuffle(gaps.view(np.uint8), 8) + _shuffle(values, itemsize)
             else:
-                entry["mode"], payload = "xor", _shuffle(xor, itemsize)
+                options: list[tuple[bytes, bytes, dict[str, object]]] = []
+                if changed.size <= SPARSE_MAX_FRACTION * numel:
+                    gaps = np.diff(changed, prepend=-1).astype(np.uint64)
+                    values = xor.reshape(-1, itemsize)[changed].reshape(-1)
+                    p = _shuffle(gaps.view(np.uint8), 8) + _shuffle(values, itemsize)
+                    options.append((_compress(codec, p), p, {"mode": "sparse", "count": int(changed.size)}))
+                if numel >= BITMAP_MIN_NUMEL and itemsize in _UINT:
+                    u = _UINT[itemsize]
+                    p, count = _bitmap_payload(_raw(base).view(u), new_raw.view(u), t.dtype)
+                    options.append((_compress(codec, p), p, {"mode": "bitmap", "count": count}))
+                if not options:
+                    p = _shuffle(xor, itemsize)
+                    options.append((_compress(codec, p), p, {"mode": "xor"}))
+                data, payload, fields = min(options, key=lambda o: len(o[0]))
+                entry.update(fields)
         entry["raw_length"] = len(payload)
-        data = _compress(codec, payload) if payload else b""
+        if data is None:
+            data = _compress(codec, payload) if payload else b""
         entry["offset"], entry["length"] = offset, len(data)
         offset += len(data)
         chunks.append(data)
         entries.append(entry)
     header = {
+        "format": 2,
         "codec": codec,
         "base_sha256": old_sha256 or weights_sha256(old),
         "new_sha256": new_sha256 or weights_sha256(new),
@@ -183,7 +265,7 @@ def encode(
 
 def read_header(delta: bytes) -> dict:
     """The JSON header of a delta (raises `DeltaError` when it is not one)."""
-    if not delta.startswith(MAGIC) or len(delta) < len(MAGIC) + 4:
+    if not (delta.startswith(MAGIC) or delta.startswith(MAGIC_V1)) or len(delta) < len(MAGIC) + 4:
         raise DeltaError("not an rlfeed delta (bad magic)")
     (n,) = struct.unpack_from("<I", delta, len(MAGIC))
     start = len(MAGIC) + 4
@@ -204,6 +286,8 @@ def apply(
 
     Checks the base checksum first and the result's checksum last; raises `DeltaError`."""
     header = read_header(delta)
+    if header.get("format", 1) != (1 if delta.startswith(MAGIC_V1) else 2):
+        raise DeltaError(f"delta format {header.get('format')!r} does not match its magic")
     if verify_base and weights_sha256(old) != header.get("base_sha256"):
         raise DeltaError("delta does not apply to these weights (base checksum differs)")
     start = header["_payload_start"]
@@ -245,6 +329,10 @@ def apply(
                 flat = base_raw.reshape(-1, itemsize).copy()
                 flat[idx] ^= values
                 out[e["name"]] = _tensor(flat.reshape(-1), dtype, shape)
+            elif mode == "bitmap" and itemsize in _UINT and not delta.startswith(MAGIC_V1):
+                u = _UINT[itemsize]
+                new_flat = _apply_bitmap(base_raw.view(u), payload, int(e["count"]), dtype, e["name"])
+                out[e["name"]] = _tensor(new_flat.view(np.uint8), dtype, shape)
             else:
                 raise DeltaError(f"{e['name']}: unknown mode {mode!r}")
     except (KeyError, TypeError, ValueError) as exc:

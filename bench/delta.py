@@ -1,0 +1,227 @@
+"""Delta codec benchmark on real optimiser steps of the project's model.
+
+Trains the model (default: SmolLM2-135M-Instruct from `rlfeed model build`, fp32) for a
+few AdamW steps (lr 5e-5, betas 0.9/0.99, clip 1.0: the trainer's defaults) on the
+trainer's own policy-gradient loss over a few short sequences, keeps the weights after
+steps 0, 1, 9 and 10, and encodes the deltas
+
+* `1_step`: version 0 -> 1 (the first step; Adam's first update moves every parameter
+  with a gradient by about lr),
+* `1_step_late`: version 9 -> 10 (one step once Adam's moments have warmed up),
+* `10_steps`: version 0 -> 10,
+
+for fp32 weights and for bf16 weights (mixed precision: the optimiser keeps fp32 master
+weights, the bf16 cast is what gets published, so most bf16 elements do not move in one
+small step). Every delta is applied again and checked bit for bit against the weights it
+encodes. Prints one JSON object: per dtype and delta the compression ratio (full
+snapshot bytes / delta bytes), the modes chosen per tensor, the fraction of changed
+elements, and encode/decode throughput in GB/s of full state-dict bytes (encode computes
+both checksums; decode verifies both, as `CheckpointStore` does).
+
+    .venv/bin/python bench/delta.py [--model-dir DIR] [--threads 1] [--snapshots DIR]
+
+`--snapshots DIR` keeps the trained fp32 weights in DIR (safetensors) and reuses them on
+the next run, to iterate on the codec without training again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.checkpoints import delta as deltacodec  # noqa: E402
+
+KEPT_STEPS = (0, 1, 9, 10)
+PAIRS = {"1_step": (0, 1), "1_step_late": (9, 10), "10_steps": (0, 10)}
+
+
+def _texts(step: int) -> list[tuple[str, str, float]]:
+    """The step's (prompt, completion, reward) triples: four sums, each answered once
+    right (reward 1) and once wrong (reward 0), so every prompt is a group of two with
+    advantages +-0.5, as the trainer computes them. A fresh batch every step."""
+    out = []
+    for i in range(4):
+        a, b = 7 + 13 * step + 5 * i, 3 + 11 * i + 17 * step
+        prompt = f"What is {a} plus {b}? Answer with one sentence."
+        out.append((prompt, f"{a} plus {b} equals {a + b}.", 1.0))
+        out.append((prompt, f"{a} plus {b} equals {a + b + 1 + i}.", 0.0))
+    return out
+
+
+def _batch(tokenizer, pad_id: int, step: int) -> tuple[dict[str, torch.Tensor], list[float], list[str]]:
+    """Input ids, attention mask and completion mask (B, L-1) of the step's sequences,
+    with their rewards and prompts."""
+    rows, comp, rewards, prompts = [], [], [], []
+    for prompt, completion, reward in _texts(step):
+        p = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        if not isinstance(p, list):
+            p = p["input_ids"]
+        c = tokenizer(completion)["input_ids"]
+        rows.append(list(p) + c)
+        comp.append(len(p))
+        rewards.append(reward)
+        prompts.append(prompt)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    cmask = torch.zeros((len(rows), width - 1))
+    for i, (r, start) in enumerate(zip(rows, comp, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        cmask[i, start - 1 : len(r) - 1] = 1.0  # position j predicts token j+1
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": cmask}, rewards, prompts
+
+
+def train(model_dir: Path, steps: int) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, object]]:
+    """fp32 weights after each step in KEPT_STEPS, and training figures."""
+    from services.trainer import losses, policy
+
+    model, tokenizer = policy.load(model_dir)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    kept = {0: policy.copy_weights(model)}
+    t0 = time.perf_counter()
+    last: dict[str, float] = {}
+    tokens = 0
+    for step in range(1, steps + 1):
+        batch, rewards, prompts = _batch(tokenizer, policy.pad_id(tokenizer), step)
+        adv, _ = losses.advantages(rewards, prompts, None, 0.99)
+        mask = batch["completion_mask"]
+        tokens += int(mask.sum())
+        logp = policy.token_logprobs(model, batch["input_ids"], batch["attention_mask"], mask)
+        # The sampler: this policy, up to sampling-side numerics (on-policy, ratio ~1).
+        sampler = logp.detach() + 0.01 * torch.randn(logp.shape, generator=gen) * mask
+        loss, st = losses.total_loss(
+            logp, sampler, None, torch.tensor(adv, dtype=torch.float32), mask, kl_coef=0.0, ratio_max=2.0
+        )
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = {**st, "loss": float(loss.detach()), "grad_norm": float(grad_norm)}
+        if step in KEPT_STEPS:
+            kept[step] = policy.copy_weights(model)
+    figures = {
+        "step_s": round((time.perf_counter() - t0) / max(steps, 1), 2),
+        "sequences_per_step": len(_texts(0)),
+        "completion_tokens_per_step": round(tokens / max(steps, 1), 1),
+        "last_step": {k: round(v, 5) for k, v in last.items()},
+    }
+    return kept, figures
+
+
+def load_or_train(model_dir: Path, snapshots: Path | None) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
+    """The kept fp32 weights: from `snapshots` when it holds them, else trained (and saved)."""
+    from safetensors.torch import load_file, save_file
+
+    files = {s: snapshots / f"step{s:02d}.safetensors" for s in KEPT_STEPS} if snapshots else {}
+    if files and all(f.is_file() for f in files.values()):
+        info = json.loads((snapshots / "train.json").read_text()) if (snapshots / "train.json").is_file() else {}
+        return {s: load_file(f) for s, f in files.items()}, {**info, "reused_snapshots": str(snapshots)}
+    kept, figures = train(model_dir, max(KEPT_STEPS))
+    if snapshots:
+        snapshots.mkdir(parents=True, exist_ok=True)
+        for s, f in files.items():
+            save_file({k: v.contiguous() for k, v in kept[s].items()}, str(f))
+        (snapshots / "train.json").write_text(json.dumps(figures))
+    return kept, figures
+
+
+def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype
+        and a[k].shape == b[k].shape
+        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
+        for k in a
+    )
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element: do the bits of `a` and `b` differ?"""
+    n = b.numel()
+    return (a.reshape(-1).view(torch.uint8).reshape(n, -1) != b.reshape(-1).view(torch.uint8).reshape(n, -1)).any(1)
+
+
+def measure(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: str) -> dict[str, object]:
+    """Size, modes, changed fraction, throughput and bit-exactness of one delta."""
+    full = sum(t.numel() * t.element_size() for t in new.values())
+    numel = sum(t.numel() for t in new.values())
+    changed = sum(int(_changed(old[k], t).sum()) for k, t in new.items())
+    t0 = time.perf_counter()
+    blob = deltacodec.encode(old, new, codec=codec)
+    enc_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = deltacodec.apply(old, blob)
+    dec_s = time.perf_counter() - t0
+    modes: dict[str, int] = {}
+    for e in deltacodec.read_header(blob)["tensors"]:
+        modes[e["mode"]] = modes.get(e["mode"], 0) + 1
+    return {
+        "full_bytes": full,
+        "delta_bytes": len(blob),
+        "ratio": round(full / len(blob), 2),
+        "changed_fraction": round(changed / max(numel, 1), 5),
+        "modes": modes,
+        "encode_GBps": round(full / enc_s / 1e9, 3),
+        "decode_GBps": round(full / dec_s / 1e9, 3),
+        "bit_exact": _bits_equal(out, new),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", type=Path, default=ROOT / ".rlfeed" / "models" / "smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--codec", default=deltacodec.default_codec())
+    ap.add_argument("--snapshots", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if not (args.model_dir / "config.json").is_file():
+        from services.localmodel.build import build
+
+        build(args.model_dir, "full")
+    t0 = time.perf_counter()
+    kept, figures = load_or_train(args.model_dir, args.snapshots)
+    train_s = time.perf_counter() - t0
+    results: dict[str, dict[str, object]] = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        cast = {s: {k: v.to(dtype) for k, v in w.items()} for s, w in kept.items()}
+        results[str(dtype).removeprefix("torch.")] = {
+            label: measure(cast[a], cast[b], args.codec) for label, (a, b) in PAIRS.items()
+        }
+        del cast
+    bf16 = results["bfloat16"]
+    out = {
+        "bench": "delta",
+        "model_dir": str(args.model_dir),
+        "parameters": sum(t.numel() for t in kept[0].values()),
+        "optimizer": {"name": "AdamW", "lr": 5e-5, "betas": [0.9, 0.99], "weight_decay": 0.0, "grad_clip_norm": 1.0},
+        "loss": "services.trainer.losses.total_loss (policy gradient, truncated IS, kl_coef 0)",
+        "training": figures,
+        "train_s": round(train_s, 1),
+        "codec": args.codec,
+        "torch_threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "results": results,
+        "targets": {
+            "bf16_1_step_ratio_ge_50": bool(bf16["1_step"]["ratio"] >= 50),
+            "bf16_10_steps_ratio_ge_20": bool(bf16["10_steps"]["ratio"] >= 20),
+            "all_bit_exact": all(r["bit_exact"] for d in results.values() for r in d.values()),
+        },
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
