@@ -28,7 +28,7 @@ from services.dashboard.monitor import Monitor
 from services.dashboard.panels import Store
 from services.dashboard.server import DashboardServer, build_app
 from services.dashboard.settings import DashboardSettings
-from services.sink.rows import TABLES
+from services.sink.rows import SPECS
 from tests.factories import feedback, generation
 
 MODEL = "smollm2-135m-instruct"
@@ -43,8 +43,8 @@ def _insert(client, events) -> None:
     """Insert events the way the sink does: one row function per topic."""
     by_table: dict[str, list[dict]] = {}
     for topic, e in events:
-        table, to_row = TABLES[topic]
-        by_table.setdefault(table, []).append(to_row(e))
+        spec = SPECS[topic]
+        by_table.setdefault(spec.table, []).append(spec.as_dict(e))
     for table, rows in by_table.items():
         columns = list(rows[0])
         client.insert(table, [[r[c] for c in columns] for r in rows], column_names=columns)
