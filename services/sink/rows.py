@@ -1,9 +1,9 @@
 """Pure mapping from events to ClickHouse rows, one table per topic.
 
 Each table has one *tuple* function (the sink's hot path: a tuple in `TableSpec.columns`
-order, times as integer epoch milliseconds, which DateTime64(3) takes as raw ticks) and
-one *dict* function derived from it (`TABLES`, for callers that want named fields; times
-there are timezone-aware datetimes). The tuple functions are the single source of truth.
+order, times as integer epoch milliseconds, which DateTime64(3) takes as raw ticks);
+`TableSpec.as_dict` derives named fields from it for other callers (times there are
+timezone-aware datetimes). The tuple functions are the single source of truth.
 """
 
 from __future__ import annotations
