@@ -39,7 +39,7 @@ def main() -> None:
             sim_preference=args.preference,
             sim_seed=args.seed,
         )
-        report = run(settings)
+        report = run(settings, print_report=False)
     summary = report.get("summary", {})
     trainer = report.get("trainer") or {}
     out = {

@@ -33,8 +33,8 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run(settings: DemoSettings) -> dict:
-    """Run the demo to its end and return the report."""
+def run(settings: DemoSettings, print_report: bool = True) -> dict:
+    """Run the demo to its end and return the report (also printed as JSON unless told not to)."""
     home = settings.home_dir.resolve()
     preference = load_preference(settings.sim_preference)  # fail fast on a bad plug-in
     model_dir = (settings.demo_model_dir or settings.default_model_dir).resolve()
@@ -95,7 +95,8 @@ def run(settings: DemoSettings) -> dict:
     report["published_versions"] = _published_versions(logs / "trainer.log")
     report["summary"] = summarize(report)
     (home / "demo-report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    if print_report:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return report
 
 
