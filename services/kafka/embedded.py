@@ -9,7 +9,6 @@ SIGKILL, because noida-db may ignore SIGTERM for seconds.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.resources
 import os
 import signal
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import orjson
 
+from services.child_process import die_with_parent
 from services.kafka.url import kafka_url
 
 STATE_FILE = "broker.json"
 """Name of the file (under the stack's home dir) recording the running broker."""
-
-_PR_SET_PDEATHSIG = 1
 
 
 def binary_path() -> Path:
@@ -39,11 +37,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _port_open(port: int) -> bool:
@@ -106,7 +99,7 @@ class EmbeddedBroker:
         cmd = [str(binary_path()), "start", "--data-dir", str(self.data_dir), "--only", "kafka"]
         cmd += ["--kafka-port", str(self.port)]
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
         log.close()
         self._wait_ready(timeout_s)
