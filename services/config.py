@@ -7,7 +7,9 @@ with the `RLFEED_` prefix (e.g. `RLFEED_KAFKA_URL`). Field docstrings are the do
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +20,11 @@ class RlfeedSettings(BaseSettings):
 
     kafka_url: str | None = None
     """`kafka://host:port[,host:port]` of a running broker; unset: the embedded broker."""
+    kafka_idle_pause_ms: int = Field(250, ge=0)
+    """After a poll that brought nothing, consumers stop fetching this long (the embedded
+    broker answers empty fetches at once, see services/kafka/idle.py); 0: off."""
+    kafka_idle_poll_ms: int = Field(50, ge=1)
+    """Longest a consumer's poll waits before an idle pause (librdkafka fetches while it waits)."""
     clickhouse_url: str | None = None
     """`http(s)://user:pass@host:8123/db` or `chdb:///path`; unset: chdb under home_dir."""
     topic_prefix: str = ""
@@ -26,6 +33,28 @@ class RlfeedSettings(BaseSettings):
     """Where the embedded stack keeps its data (broker log, chdb, models, checkpoints)."""
     log_level: str = "info"
     """Log level for the JSON log lines (debug, info, warning, error)."""
+
+    # --- Kafka client security (every client: services/kafka/security.py) ---
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How clients talk to the brokers (Kafka's security.protocol)."""
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    """SASL mechanism when the protocol is SASL_*; ignored otherwise."""
+    kafka_sasl_username: str | None = None
+    """SASL user name; required when the protocol is SASL_*."""
+    kafka_sasl_password: SecretStr | None = None
+    """SASL password; required when the protocol is SASL_* (never logged)."""
+    kafka_ssl_ca_file: Path | None = None
+    """PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL); unset:
+    the system trust store."""
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> RlfeedSettings:
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and (not self.kafka_sasl_username or self.kafka_sasl_password is None):
+            raise ValueError("kafka_sasl_username and kafka_sasl_password: required with a SASL_* protocol")
+        if self.kafka_ssl_ca_file is not None and not self.kafka_security_protocol.endswith("SSL"):
+            raise ValueError("kafka_ssl_ca_file: only used with the SSL or SASL_SSL protocol")
+        return self
 
     @property
     def default_model_dir(self) -> Path:

@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from schemas.events import FeedbackEvent, GenerationEvent
 from schemas.topics import JOIN_CHANGELOG
+from services.kafka.security import librdkafka_config
 from streams.join import META_KEY, Entry, JoinConfig, PartitionState
 
 
@@ -93,7 +94,7 @@ def read_partitions(bootstrap: str, topic: str, partitions: list[int], timeout_s
         return out
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **librdkafka_config(bootstrap),
             "group.id": f"rlfeed-restore-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",

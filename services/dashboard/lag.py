@@ -8,6 +8,7 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from services.dashboard.alerts import LagRow
+from services.kafka.security import librdkafka_config
 from services.logs import event
 
 log = logging.getLogger("rlfeed.dashboard.lag")
@@ -21,8 +22,8 @@ class LagProbe:
     def __init__(self, bootstrap: str, groups: list[str], timeout_s: float = 5.0) -> None:
         self.groups = groups
         self.timeout_s = timeout_s
-        self.admin: AdminClient | None = AdminClient({"bootstrap.servers": bootstrap})
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": PROBE_GROUP, "enable.auto.commit": False})
+        self.admin: AdminClient | None = AdminClient(librdkafka_config(bootstrap))
+        self.consumer = Consumer({**librdkafka_config(bootstrap), "group.id": PROBE_GROUP, "enable.auto.commit": False})
 
     def close(self) -> None:
         """Close the watermark consumer and drop the admin client (it has no close())."""

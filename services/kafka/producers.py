@@ -9,9 +9,13 @@ must use murmur2 too (kcat: `-X partitioner=murmur2_random`).
 
 from __future__ import annotations
 
+from services.config import RlfeedSettings
+from services.kafka.security import librdkafka_config
+
 KEY_PARTITIONER = "murmur2_random"
 
 
-def producer_config(bootstrap: str) -> dict[str, object]:
-    """The base confluent-kafka producer config; merge process-specific settings into it."""
-    return {"bootstrap.servers": bootstrap, "partitioner": KEY_PARTITIONER}
+def producer_config(bootstrap: str, settings: RlfeedSettings | None = None) -> dict[str, object]:
+    """The base confluent-kafka producer config (with the security settings of
+    `librdkafka_config`); merge process-specific settings into it."""
+    return {**librdkafka_config(bootstrap, settings), "partitioner": KEY_PARTITIONER}

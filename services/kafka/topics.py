@@ -8,6 +8,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas.topics import ALL_TOPICS, Topic
+from services.kafka.security import librdkafka_config
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,8 @@ class TopicInfo:
 
 
 def admin(bootstrap: str) -> AdminClient:
-    """An admin client for `bootstrap` (`host:port,...`)."""
-    return AdminClient({"bootstrap.servers": bootstrap})
+    """An admin client for `bootstrap` (`host:port,...`), with the security settings."""
+    return AdminClient(librdkafka_config(bootstrap))
 
 
 def ensure_topics(

@@ -140,8 +140,11 @@ class KafkaTransport(Transport):
         if self._producer is None:
             from aiokafka import AIOKafkaProducer
 
+            from services.kafka.security import aiokafka_options
+
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
+                **aiokafka_options(),
                 acks="all",
                 linger_ms=5,
                 request_timeout_ms=int(self.timeout_s * 1000),

@@ -37,7 +37,7 @@ from schemas.topics import MODEL_UPDATES, SAMPLES
 from services.checkpoints.store import CheckpointStore
 from services.kafka.producers import producer_config
 from services.logs import event
-from services.trainer import gate, losses, policy, state
+from services.trainer import distributed, gate, losses, policy, state
 from services.trainer.batching import Batch, prompt_key, too_stale
 from services.trainer.reader import SampleReader
 from services.trainer.settings import TrainerSettings
@@ -52,17 +52,25 @@ def _ids(value: int | list[int] | None) -> set[int]:
 class Trainer:
     """One online trainer for one model. `run()` until `stop` is set."""
 
-    def __init__(self, settings: TrainerSettings, bootstrap: str, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        bootstrap: str,
+        stop: threading.Event | None = None,
+        group: distributed.Group | None = None,
+    ) -> None:
         s = self.settings = settings
         self.bootstrap = bootstrap
         self.stop = stop or threading.Event()
+        self.group = group
+        """The data-parallel group this trainer leads as rank 0 (None: one process)."""
         torch.set_num_threads(s.trainer_torch_threads)
         torch.manual_seed(s.seed)
         assert s.model_dir is not None and s.checkpoint_dir is not None and s.trainer_state_dir is not None
         self.store = CheckpointStore(s.checkpoint_dir)
         self.state_dir = state.model_state_dir(s.trainer_state_dir, s.model_name)
         self.topic = SAMPLES.full_name(s.topic_prefix)
-        self.producer = Producer({**producer_config(bootstrap), "linger.ms": 5})
+        self.producer = Producer({**producer_config(bootstrap, s), "linger.ms": 5})
 
         # 1. version 0 and the frozen reference.
         self.model, self.tokenizer = policy.load(Path(s.model_dir))
@@ -76,9 +84,7 @@ class Trainer:
         policy.load_weights(self.model, v0)
         self.reference = policy.frozen_copy(self.model) if s.kl_coef > 0 else None
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay
-        )
+        self.optimizer = new_optimizer(self.model, s)
 
         # 2. resume.
         self.meta = state.TrainerMeta(topic=self.topic)
@@ -112,13 +118,19 @@ class Trainer:
         self.parent_version: int | None = None
         self.last_checkpoint_at = time.monotonic()
         self.last_publish_at = time.monotonic()
+        self._deferred_logged = False
         self.ledger = open(self.state_dir / "ledger.jsonl", "ab") if self._mkdir() else None  # noqa: SIM115
+
+        if group is not None:
+            distributed.sync_start(self.model, self.optimizer, self.reference, group)
 
         # 3. the stream.
         self.reader = SampleReader(
             s, bootstrap, self.meta.offsets, current_version=lambda: self.meta.published_version, pad_id=self.pad_id
         )
         self.stats = {"steps": 0, "samples": 0, "optimizer_steps": 0, "wait_s": 0.0, "step_s": 0.0}
+        self.feedback_to_training_ms: deque[int] = deque(maxlen=s.trainer_latency_window)
+        """Per trained sample: when its optimiser step began minus its first feedback's event time."""
 
     def _mkdir(self) -> bool:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -154,8 +166,15 @@ class Trainer:
                     break
         finally:
             self.stats["elapsed_s"] = time.monotonic() - started
+            self.stats.update(latency_figures(self.feedback_to_training_ms, "feedback_to_training_ms"))
+            self.stats.update(self.meta.counters)
+            # Logged before the shutdown checkpoint: a large model's checkpoint can outlast
+            # a supervisor's grace period, and the counters must not die with it.
+            event(log, "trainer_stopped", **self.stats)
             self.reader.close()
             self.checkpoint("shutdown")
+            if self.group is not None:
+                distributed.broadcast_object(None, self.group)
             self.producer.flush(10)
             if self.ledger is not None:
                 self.ledger.close()
@@ -177,6 +196,10 @@ class Trainer:
         if len(rows) < len(batch.samples):
             m.counters["stale"] = m.counters.get("stale", 0) + len(batch.samples) - len(rows)
         samples = [batch.samples[i] for i in rows]
+        now_ms = time.time_ns() // 1_000_000
+        self.feedback_to_training_ms.extend(
+            now_ms - x.first_feedback_ms for x in samples if x.first_feedback_ms is not None
+        )
         adv, m.baseline = losses.advantages(
             [x.reward for x in samples], [prompt_key(x) for x in samples], m.baseline, s.baseline_decay
         )
@@ -215,46 +238,15 @@ class Trainer:
         return figures
 
     def _optimise(self, batch: Batch, rows: list[int], adv: list[float]) -> dict[str, float]:
-        s = self.settings
         assert batch.collated is not None
         col = batch.collated.rows(rows)
-        adv_t = torch.tensor(adv, dtype=torch.float32)
-        n_tokens = max(col.n_tokens, 1)
-        totals: dict[str, float] = {}
-        mb = s.trainer_micro_batch_size
-        for lo in range(0, len(rows), mb):
-            part = col.rows(list(range(lo, min(lo + mb, len(rows)))))
-            logp = policy.token_logprobs(self.model, part.input_ids, part.attention_mask, part.completion_mask)
-            ref = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref = policy.token_logprobs(
-                        self.reference, part.input_ids, part.attention_mask, part.completion_mask
-                    )
-            loss, st = losses.total_loss(
-                logp,
-                part.sampler_logp,
-                ref,
-                adv_t[lo : lo + mb],
-                part.completion_mask,
-                kl_coef=s.kl_coef,
-                ratio_max=s.truncate_ratio_max,
-                n_tokens=n_tokens,
-            )
-            loss.backward()
-            share = part.n_tokens / n_tokens
-            for k, v in st.items():
-                totals[k] = (
-                    max(totals.get(k, v), v)
-                    if k == "ratio_max"
-                    else totals.get(k, 0.0) + v * (1.0 if k in ("pg_loss", "kl_ref") else share)
-                )
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        work = distributed.StepWork(col, torch.tensor(adv, dtype=torch.float32), max(col.n_tokens, 1))
+        if self.group is not None:
+            distributed.broadcast_object(work, self.group)
+        totals = accumulate_gradients(self.model, self.reference, work, self.settings, self.group)
+        totals["grad_norm"] = optimizer_step(self.model, self.optimizer, self.settings.grad_clip_norm, self.group)
         self.meta.optimizer_steps += 1
         self.stats["optimizer_steps"] += 1
-        totals["grad_norm"] = float(grad_norm)
         return totals
 
     # --- checkpoints and publishing ---
@@ -311,8 +303,17 @@ class Trainer:
         return self.parent
 
     def publish(self) -> ModelUpdateEvent | None:
-        """Gate the current weights; if they pass, publish the next version."""
+        """Gate the current weights; if they pass, publish the next version.
+
+        With too few held-out samples to judge on, the gate is not run at all (its
+        generations cost a CPU minute) and the attempt waits for the next step."""
         s, m = self.settings, self.meta
+        if s.gate_enabled and len(self.heldout) < s.gate_min_heldout:
+            if not self._deferred_logged:
+                event(log, "publish_deferred", heldout_samples=len(self.heldout), needed=s.gate_min_heldout)
+                self._deferred_logged = True
+            return None
+        self._deferred_logged = False
         m.steps_since_publish = 0
         m.samples_since_publish = 0
         self.last_publish_at = time.monotonic()
@@ -328,6 +329,7 @@ class Trainer:
                 s,
                 pad_id=self.pad_id,
                 generate=gate.sampler(self.model, self.eos_ids, self.pad_id, s),
+                generate_parent=gate.sampler(parent, self.eos_ids, self.pad_id, s),
             )
             figures = result.figures
             if not result.passed:
@@ -379,6 +381,97 @@ class Trainer:
         self.producer.produce(topic, encode(ev), key=key_of(ev, MODEL_UPDATES.key))
         if self.producer.flush(30) != 0:
             raise RuntimeError(f"could not deliver the model update for version {ev.version} to {topic}")
+
+
+def latency_figures(values_ms: deque[int] | list[int], name: str) -> dict[str, float]:
+    """`{name}_p50`, `{name}_p99` and `{name}_n` of a window of latencies (empty: nothing)."""
+    if not values_ms:
+        return {}
+    ordered = sorted(values_ms)
+    top = len(ordered) - 1
+    return {
+        f"{name}_p50": ordered[round(0.5 * top)],
+        f"{name}_p99": ordered[round(0.99 * top)],
+        f"{name}_n": len(ordered),
+    }
+
+
+def new_optimizer(model: torch.nn.Module, s: TrainerSettings) -> torch.optim.Optimizer:
+    """The trainer's AdamW over `model`'s parameters."""
+    return torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.adam_betas, weight_decay=s.weight_decay)
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    work: distributed.StepWork,
+    s: TrainerSettings,
+    group: distributed.Group | None,
+) -> dict[str, float]:
+    """Forward and backward this rank's micro-batches of one step (every micro-batch in
+    a single process); return the loss figures of those micro-batches."""
+    col, adv_t, n_tokens = work.collated, work.advantages, work.n_tokens
+    totals: dict[str, float] = {}
+    for lo, hi in distributed.micro_batches(len(adv_t), s.trainer_micro_batch_size, group):
+        part = col.rows(list(range(lo, hi)))
+        logp = policy.token_logprobs(model, part.input_ids, part.attention_mask, part.completion_mask)
+        ref = None
+        if reference is not None:
+            with torch.no_grad():
+                ref = policy.token_logprobs(reference, part.input_ids, part.attention_mask, part.completion_mask)
+        loss, st = losses.total_loss(
+            logp,
+            part.sampler_logp,
+            ref,
+            adv_t[lo:hi],
+            part.completion_mask,
+            kl_coef=s.kl_coef,
+            ratio_max=s.truncate_ratio_max,
+            n_tokens=n_tokens,
+        )
+        loss.backward()
+        share = part.n_tokens / n_tokens
+        for k, v in st.items():
+            totals[k] = (
+                max(totals.get(k, v), v)
+                if k == "ratio_max"
+                else totals.get(k, 0.0) + v * (1.0 if k in ("pg_loss", "kl_ref") else share)
+            )
+    return totals
+
+
+def optimizer_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip_norm: float, group: distributed.Group | None
+) -> float:
+    """Sum the gradients across ranks (if any), clip, step, zero; the gradient norm."""
+    if group is not None:
+        distributed.all_reduce_gradients(model.parameters())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def follow(settings: TrainerSettings, group: distributed.Group) -> torch.nn.Module:
+    """Rank > 0 of a data-parallel trainer (see services.trainer.distributed): take rank
+    0's state, compute this rank's share of every step rank 0 broadcasts, until rank 0
+    stops. Reads no Kafka and writes nothing; returns the model (rank 0's weights)."""
+    s = settings
+    assert s.model_dir is not None
+    torch.set_num_threads(s.trainer_torch_threads)
+    torch.manual_seed(s.seed)
+    model, _ = policy.load(Path(s.model_dir))
+    reference = policy.frozen_copy(model) if s.kl_coef > 0 else None
+    model.train()
+    optimizer = new_optimizer(model, s)
+    distributed.sync_start(model, optimizer, reference, group)
+    steps = 0
+    while (work := distributed.broadcast_object(None, group)) is not None:
+        accumulate_gradients(model, reference, work, s, group)
+        optimizer_step(model, optimizer, s.grad_clip_norm, group)
+        steps += 1
+    event(log, "follower_stopped", rank=group.rank, optimizer_steps=steps)
+    return model
 
 
 def rollback_event(store: CheckpointStore, model: str, version: int) -> ModelUpdateEvent:

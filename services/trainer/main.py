@@ -10,10 +10,14 @@ import logging
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from services import logs
 from services.kafka.producers import producer_config
 from services.trainer.settings import TrainerSettings
+
+if TYPE_CHECKING:
+    from services.trainer.distributed import Group
 
 log = logging.getLogger("services.trainer")
 
@@ -39,6 +43,13 @@ def main() -> None:
     writes a checkpoint; a second exits at once)."""
     settings = TrainerSettings()
     logs.setup(settings.log_level)
+
+    from services.trainer import distributed
+
+    group = distributed.init_from_env(settings.trainer_dist_timeout_s)
+    if group is not None and not group.is_leader:
+        _follow(settings, group)
+        return
     bootstrap = resolve_bootstrap(settings)
 
     from services.kafka.topics import ensure_topics
@@ -55,7 +66,7 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    trainer = Trainer(settings, bootstrap, stop)
+    trainer = Trainer(settings, bootstrap, stop, group)
     logs.event(
         log,
         "trainer_started",
@@ -65,8 +76,20 @@ def main() -> None:
         step=trainer.meta.step,
         published_version=trainer.meta.published_version,
     )
-    stats = trainer.run()
-    logs.event(log, "trainer_stopped", **stats)
+    trainer.run()  # logs `trainer_stopped` with its counters
+    distributed.close(group)
+
+
+def _follow(settings: TrainerSettings, group: Group) -> None:
+    """Rank > 0 under torchrun: compute gradient shards until rank 0 stops. Signals are
+    left to rank 0 (torchrun sends them to every rank): a follower leaves when told."""
+    from services.trainer import distributed
+    from services.trainer.loop import follow
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    follow(settings, group)
+    distributed.close(group)
 
 
 def rollback(version: int) -> None:
@@ -85,7 +108,7 @@ def rollback(version: int) -> None:
 
     assert settings.checkpoint_dir is not None
     ev = rollback_event(CheckpointStore(settings.checkpoint_dir), settings.model_name, version)
-    producer = Producer({**producer_config(bootstrap)})
+    producer = Producer(producer_config(bootstrap, settings))
     topic = MODEL_UPDATES.full_name(settings.topic_prefix)
     producer.produce(topic, encode(ev), key=key_of(ev, MODEL_UPDATES.key))
     if producer.flush(30) != 0:

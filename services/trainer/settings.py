@@ -59,6 +59,13 @@ class TrainerSettings(RlfeedSettings):
     whose own knob is `torch_threads`)."""
     pipelined: bool = True
     """Read, decode and batch in a background thread while the optimiser steps."""
+    trainer_dist_timeout_s: float = Field(86_400.0, gt=0)
+    """Data-parallel runs (torchrun, WORLD_SIZE > 1): longest one collective may wait. The
+    other ranks wait in a broadcast while rank 0 waits for samples, gates or checkpoints,
+    so it is long; a crashed rank is caught by torchrun, not by this timeout."""
+    trainer_latency_window: int = Field(10_000, ge=1)
+    """Most recent trained samples whose feedback-to-training latency is kept for the
+    p50/p99 figures logged at stop."""
     seed: int = 0
     """Seed of torch's generator (gate sampling)."""
 
@@ -97,18 +104,31 @@ class TrainerSettings(RlfeedSettings):
     """Sampling temperature of the gate's generations."""
     gate_reward_drop_max: float = Field(0.1, ge=0)
     """Refuse when the candidate's importance-weighted held-out reward falls more than
-    this below the held-out samples' mean reward."""
+    this below the held-out samples' mean reward (or `gate_reward_drop_se` standard
+    errors, whichever is larger)."""
+    gate_reward_drop_se: float = Field(2.0, ge=0)
+    """The reward bound in standard errors of the candidate's reward estimate."""
     gate_kl_parent_max: float = Field(0.5, gt=0)
     """Refuse when KL(candidate || parent) per token on the gate's generations exceeds this."""
     gate_min_mean_tokens: float = Field(2.0, ge=0)
     """Refuse when the generations' mean length (tokens) is below this."""
     gate_min_length_ratio: float = Field(0.25, ge=0)
-    """Refuse when the mean generated length falls below this fraction of the held-out
-    completions' mean length."""
+    """Refuse when the mean generated length falls below this fraction of the parent's
+    on the same prompts."""
     gate_max_empty_frac: float = Field(0.25, ge=0, le=1)
-    """Refuse when more than this fraction of generations is empty."""
+    """Refuse when more than this fraction of generations is empty (or the parent's
+    fraction plus `gate_max_rise_frac`, if higher)."""
     gate_max_truncated_frac: float = Field(0.5, ge=0, le=1)
-    """Refuse when more than this fraction of generations hits gate_max_new_tokens."""
+    """Refuse when more than this fraction of generations hits gate_max_new_tokens (or the
+    parent's fraction plus `gate_max_rise_frac`, if higher)."""
+    gate_max_rise_frac: float = Field(0.25, ge=0, le=1)
+    """Largest rise of the empty or truncated fraction over the parent's that ships."""
+    gate_rm_min_user_auroc: float = Field(0.55, ge=0, le=1)
+    """Refuse when the reward model's scores rank held-out samples users liked above the
+    ones they disliked less often than this (AUROC; 0.5 is no agreement)."""
+    gate_rm_min_samples: int = Field(30, ge=1)
+    """Held-out samples with both a reward-model score and a user verdict needed before
+    the reward-model guard may refuse."""
     gate_min_distinct_frac: float = Field(0.5, ge=0, le=1)
     """Refuse when distinct completions / prompts falls below this (one repeated answer)."""
     gate_min_distinct2: float = Field(0.2, ge=0, le=1)
