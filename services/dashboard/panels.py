@@ -79,6 +79,23 @@ def accept_panel(rows: Sequence[Row]) -> dict:
     return {"kind": "interval", "x": "version", "points": points}
 
 
+def rollout_panel(rows: Sequence[Row]) -> dict:
+    """The arms of each model's latest rollout event as interval points (x: version)."""
+    points = [
+        {
+            "x": int(r[0]),
+            "y": _num(r[3]),
+            "lo": _num(r[4]),
+            "hi": _num(r[5]),
+            "n": int(r[2]),
+            "accepts": int(r[1]),
+            "note": f"{r[7]} {r[6]} ({r[8]}; log LR {_num(r[9]) or 0:.2f} / {_num(r[10]) or 0:.2f})",
+        }
+        for r in rows
+    ]
+    return {"kind": "interval", "x": "version", "points": points}
+
+
 def stacked_panel(rows: Sequence[Row]) -> dict:
     return {"kind": "stacked", "x": "time", "series": pivot(rows, 0, 1, {"y": 2})}
 
@@ -144,6 +161,7 @@ def collect(store: Store, window_s: int, lag_bound: int, kl_max: float) -> dict:
     shapers = {
         "reward_by_version": reward_panel,
         "accept_rate_by_version": accept_panel,
+        "rollout_arms": rollout_panel,
         "feedback_mix": stacked_panel,
         "throughput": throughput_panel,
         "latency": latency_panel,

@@ -60,6 +60,16 @@ WHERE n > 0 ORDER BY policy_version""",
         "accept rate",
     ),
     NamedQuery(
+        "rollout_arms",
+        "Canary rollout: success rate per arm of the latest rollout (95 % Wilson interval)",
+        """SELECT version, successes, n, rate, rate_low, rate_high, arm, model, decision, log_lr, log_promote_threshold
+FROM rollout_arms
+WHERE (model, event_time) IN (SELECT model, max(event_time) FROM rollout_arms GROUP BY model)
+ORDER BY model, version""",
+        None,
+        "success rate",
+    ),
+    NamedQuery(
         "feedback_mix",
         "Feedback events per minute by kind",
         """SELECT minute, kind, sum(events) AS events

@@ -158,6 +158,8 @@ def create_app(replica: Replica) -> FastAPI:
         gid = new_generation_id()
         meta = R.Meta(gid, settings.model_name, int(time.time()), replica.replica_id)
         job = Job(prompt_ids, params, decode=engine.decode, loop=asyncio.get_running_loop(), stream=stream)
+        user_id = pseudonymous_user_id(user, salt=settings.user_id_salt, hash_all=settings.hash_all_user_ids)
+        job.candidate = user is not None and replica.wants_candidate(user_id)
         try:
             engine.submit(job)
         except RuntimeError as exc:
@@ -170,7 +172,7 @@ def create_app(replica: Replica) -> FastAPI:
             prompt_text,
             prompt_ids,
             params,
-            pseudonymous_user_id(user, salt=settings.user_id_salt, hash_all=settings.hash_all_user_ids),
+            user_id,
             session_id_or_none(request.headers.get(settings.session_header), salt=settings.user_id_salt),
             time.monotonic(),
             job,
@@ -366,6 +368,8 @@ def create_app(replica: Replica) -> FastAPI:
             "model": settings.model_name,
             "engine": engine.name,
             "policy_version": engine.version,
+            "candidate_version": engine.candidate_version,
+            "candidate_traffic": replica.split.candidate_traffic if engine.candidate_version is not None else 0.0,
             "state": replica.state.value,
             "loading": replica.loading,
             "last_update_error": replica.last_error,

@@ -10,6 +10,13 @@ Hot swap, in order:
    lock (between batches), copies the weights in and bumps the served version;
 4. replica-status.v1 reports the new version (or, on any failure in 2-3, the error and
    the old version, which is still served).
+
+With canary rollouts on (`rollout_enabled`), the replica follows rollouts.v1 instead and
+converges on the split the latest event declares, in this order: the stable version
+(a reference swap when it is the loaded candidate, i.e. a promote; a hot swap as above
+otherwise), then the candidate (built beside the stable weights, or dropped on a
+rollback), then the traffic share. Requests reach the candidate only once its weights
+are in (`wants_candidate`), so a replica that is still loading serves stable.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.events import ModelUpdateEvent, ReplicaState, ReplicaStatusEvent
-from schemas.topics import GENERATIONS, REPLICA_STATUS
+from schemas.events import ModelUpdateEvent, ReplicaState, ReplicaStatusEvent, RolloutEvent
+from schemas.topics import GENERATIONS, MODEL_UPDATES, REPLICA_STATUS, ROLLOUTS
 from services.logs import event as log_event
 from services.serving.engines.base import Engine
 from services.serving.events import EventSink
 from services.serving.metrics import ReplicaMetrics
 from services.serving.settings import ServingSettings
+from services.serving.split import Split
 from services.serving.updates import UpdateFollower
 
 log = logging.getLogger(__name__)
@@ -73,7 +81,9 @@ class Replica:
         self.requests_total = 0
         self.started_at = time.time()
         self.follower: UpdateFollower | None = None
-        self._wanted: ModelUpdateEvent | None = None
+        self._wanted: ModelUpdateEvent | RolloutEvent | None = None
+        self.split = Split(engine.version)
+        """The traffic split being served (canary rollouts only)."""
         self._tried_event_id: str | None = None
         self._cv = threading.Condition()
         self._stop = threading.Event()
@@ -115,6 +125,10 @@ class Replica:
                 model=self.settings.model_name,
                 replica_id=self.replica_id,
                 on_update=self.offer_update,
+                topic=ROLLOUTS if self.settings.rollout_enabled else MODEL_UPDATES,
+                event_type=RolloutEvent if self.settings.rollout_enabled else ModelUpdateEvent,
+                idle_poll_ms=self.settings.kafka_idle_poll_ms,
+                idle_pause_ms=self.settings.kafka_idle_pause_ms,
             )
             self.follower.start()
         self.state = ReplicaState.SERVING
@@ -199,8 +213,8 @@ class Replica:
 
         self.engine._load_weights = timed  # type: ignore[method-assign]
 
-    def offer_update(self, ev: ModelUpdateEvent) -> None:
-        """Queue a model update (the newest offered wins); called by the follower."""
+    def offer_update(self, ev: ModelUpdateEvent | RolloutEvent) -> None:
+        """Queue a model update or a rollout split (the newest offered wins); called by the follower."""
         if ev.model != self.settings.model_name:
             return
         with self._cv:
@@ -222,42 +236,50 @@ class Replica:
                 ev, self._wanted = self._wanted, None
                 self._loading = True
             try:
-                self.apply_update(ev)
+                if isinstance(ev, RolloutEvent):
+                    self.apply_rollout(ev)
+                else:
+                    self.apply_update(ev)
             finally:
                 self._loading = False
 
     def apply_update(self, ev: ModelUpdateEvent) -> bool:
         """Load and swap in `ev`'s version; on failure keep serving and report. True if swapped."""
+        return self._load_stable(ev.version, ev.event_id, rollback=ev.rollback, kind=str(ev.artifact_kind))
+
+    def _load_stable(self, version: int, event_id: str, *, rollback: bool, kind: str) -> bool:
         current = self.engine.version
-        if ev.version == current:
+        if version == current:
             return False
-        if ev.event_id == self._tried_event_id and self.last_error:
+        if event_id == self._tried_event_id and self.last_error:
             return False  # this exact event already failed; wait for a new one
-        self._tried_event_id = ev.event_id
+        self._tried_event_id = event_id
         started = time.monotonic()
         self.state = ReplicaState.LOADING
         self.report()
         log_event(
             log,
             "weights_loading",
-            version=ev.version,
+            version=version,
             serving=current,
-            rollback=ev.rollback,
-            kind=str(ev.artifact_kind),
+            rollback=rollback,
+            kind=kind,
         )
         try:
-            weights = self.store.materialize(ev.model, ev.version, have=(current, self.engine.state_dict()))
-            self.engine.swap_weights(ev.version, weights)
+            weights = self.store.materialize(
+                self.settings.model_name, version, have=(current, self.engine.state_dict())
+            )
+            self.engine.swap_weights(version, weights)
         except Exception as exc:
-            self.last_error = f"version {ev.version} not loaded, still serving {current}: {type(exc).__name__}: {exc}"
+            self.last_error = f"version {version} not loaded, still serving {current}: {type(exc).__name__}: {exc}"
             self.metrics.swap_failures.inc()
             self.state = ReplicaState.ERROR
-            log_event(log, "weights_load_failed", logging.ERROR, version=ev.version, serving=current, error=str(exc))
+            log_event(log, "weights_load_failed", logging.ERROR, version=version, serving=current, error=str(exc))
             self.report()
             self.state = ReplicaState.SERVING
             return False
         seconds = time.monotonic() - started
-        self.swaps.append(SwapRecord(ev.version, time.time(), self._last_pause_s, seconds))
+        self.swaps.append(SwapRecord(version, time.time(), self._last_pause_s, seconds))
         self.last_error = None
         self.metrics.swaps.inc()
         self.metrics.swap_seconds.observe(seconds)
@@ -265,11 +287,60 @@ class Replica:
         log_event(
             log,
             "weights_swapped",
-            version=ev.version,
+            version=version,
             previous=current,
-            rollback=ev.rollback,
+            rollback=rollback,
             seconds=round(seconds, 3),
             pause_ms=round(self._last_pause_s * 1000, 3),
         )
         self.report()
         return True
+
+    # --- canary rollouts -----------------------------------------------------------
+    def wants_candidate(self, user_id: str | None) -> bool:
+        """Whether this user's request goes to the rollout candidate (sticky; loaded candidates only)."""
+        split = self.split
+        return (
+            split.candidate_version is not None
+            and self.engine.candidate_version == split.candidate_version
+            and split.wants_candidate(self.settings.model_name, user_id)
+        )
+
+    def apply_rollout(self, ev: RolloutEvent) -> None:
+        """Converge on the split `ev` declares: stable, then candidate, then traffic (see the module doc)."""
+        engine = self.engine
+        if ev.stable_version != engine.version:
+            if engine.candidate_version == ev.stable_version:
+                promoted = engine.promote_candidate()
+                log_event(log, "rollout_promoted", version=promoted, reason=ev.reason[:200])
+                self.report()
+            elif not self._load_stable(ev.stable_version, ev.event_id, rollback=True, kind="rollout"):
+                return  # still on the old stable: keep its split, wait for the next event
+        want = ev.candidate_version if ev.candidate_traffic > 0 else None
+        if want is None and engine.candidate_version is not None:
+            dropped = engine.candidate_version
+            engine.drop_candidate()
+            log_event(log, "rollout_candidate_dropped", version=dropped, decision=str(ev.decision))
+        elif want is not None and engine.candidate_version != want:
+            try:
+                weights = self.store.materialize(
+                    self.settings.model_name, want, have=(engine.version, engine.state_dict())
+                )
+                engine.set_candidate(want, weights)
+            except Exception as exc:
+                self.last_error = f"candidate {want} not loaded, serving {engine.version} to all: {exc}"
+                self.metrics.swap_failures.inc()
+                log_event(log, "rollout_candidate_failed", logging.ERROR, version=want, error=str(exc))
+                self.report(ReplicaState.ERROR)
+                want = None
+            else:
+                log_event(log, "rollout_candidate_loaded", version=want, stable=engine.version)
+        self.split = Split(engine.version, want, ev.candidate_traffic if want is not None else 0.0)
+        log_event(
+            log,
+            "rollout_split",
+            stable=self.split.stable_version,
+            candidate=self.split.candidate_version,
+            traffic=self.split.candidate_traffic,
+            decision=str(ev.decision),
+        )

@@ -30,6 +30,12 @@ class ServingSettings(RlfeedSettings):
     """Root of the checkpoint store that model updates point into; unset: home_dir/checkpoints."""
     follow_updates: bool = True
     """Follow model-updates.v1 and hot-swap new versions (needs a broker)."""
+    rollout_enabled: bool = False
+    """Canary rollouts: follow rollouts.v1 instead of model-updates.v1. A published version
+    then serves only the sticky share of users the streams worker's rollout gives it (the
+    candidate, held beside the stable weights) until a `promote` makes it stable for all
+    or a `rollback` drops it. Off (the default): every published version is swapped in at
+    once, as before. The same `RLFEED_ROLLOUT_ENABLED` turns the streams decision on."""
     max_batch_size: int = 16
     """Most requests decoded together in one batch."""
     batch_wait_ms: float = 5.0

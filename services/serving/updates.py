@@ -6,6 +6,9 @@ subscribed, from the beginning. On start the follower reads up to the end of the
 and hands over only the newest event for its model (older ones are history); after
 that, every new event for its model is handed over as it arrives. Malformed events are
 logged and skipped.
+
+The same follower reads rollouts.v1 (also compacted by model) when canary rollouts are
+on: pass `topic=ROLLOUTS, event_type=RolloutEvent`.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from typing import Any
 
 from schemas.codec import InvalidEvent, decode
 from schemas.events import ModelUpdateEvent
-from schemas.topics import MODEL_UPDATES
+from schemas.topics import MODEL_UPDATES, Topic
 from services.logs import event as log_event
 
 log = logging.getLogger(__name__)
 
 
-def newest_for_model(events: list[ModelUpdateEvent], model: str) -> ModelUpdateEvent | None:
+def newest_for_model(events: list[Any], model: str) -> Any:
     """The last event for `model` in topic order (what compaction will keep)."""
     for ev in reversed(events):
         if ev.model == model:
@@ -34,7 +37,8 @@ def newest_for_model(events: list[ModelUpdateEvent], model: str) -> ModelUpdateE
 
 
 class UpdateFollower:
-    """A thread that reads model-updates.v1 and calls `on_update` for this model's events."""
+    """A thread that reads model-updates.v1 (or another topic compacted by model) and calls
+    `on_update` for this model's events."""
 
     def __init__(
         self,
@@ -43,10 +47,17 @@ class UpdateFollower:
         topic_prefix: str,
         model: str,
         replica_id: str,
-        on_update: Callable[[ModelUpdateEvent], None],
+        on_update: Callable[[Any], None],
+        topic: Topic = MODEL_UPDATES,
+        event_type: type = ModelUpdateEvent,
+        idle_poll_ms: int = 50,
+        idle_pause_ms: int = 250,
     ) -> None:
         self.bootstrap = bootstrap
-        self.topic = MODEL_UPDATES.full_name(topic_prefix)
+        self.idle_poll_ms = idle_poll_ms
+        self.idle_pause_ms = idle_pause_ms
+        self.topic = topic.full_name(topic_prefix)
+        self.event_type = event_type
         self.model = model
         self.replica_id = replica_id
         self.on_update = on_update
@@ -66,9 +77,11 @@ class UpdateFollower:
     def _consumer(self) -> Any:
         from confluent_kafka import Consumer
 
+        from services.kafka.security import librdkafka_config
+
         return Consumer(
             {
-                "bootstrap.servers": self.bootstrap,
+                **librdkafka_config(self.bootstrap),
                 # A group id librdkafka requires; nothing is ever committed under it.
                 "group.id": f"rlfeed-serving-{self.replica_id}-{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
@@ -97,45 +110,45 @@ class UpdateFollower:
     def _run(self) -> None:
         from confluent_kafka import KafkaError
 
+        from services.kafka.idle import consume_or_pause
+
         consumer = self._consumer()
         try:
             n_parts = self._assign(consumer)
             at_end: set[int] = set()
-            backlog: list[ModelUpdateEvent] = []
+            backlog: list[Any] = []
             while not self._stop.is_set():
-                msg = consumer.poll(0.5)
-                if msg is None:
-                    continue
-                if msg.error() is not None:
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        at_end.add(msg.partition())
-                        if not self.caught_up.is_set() and len(at_end) >= n_parts:
-                            newest = newest_for_model(backlog, self.model)
-                            backlog.clear()
-                            self.caught_up.set()
-                            log_event(
-                                log,
-                                "model_updates_caught_up",
-                                topic=self.topic,
-                                newest=None if newest is None else newest.version,
-                            )
-                            if newest is not None:
-                                self.on_update(newest)
+                for msg in consume_or_pause(consumer, 100, 0.5, self.idle_poll_ms, self.idle_pause_ms):
+                    if msg.error() is not None:
+                        if msg.error().code() == KafkaError._PARTITION_EOF:
+                            at_end.add(msg.partition())
+                            if not self.caught_up.is_set() and len(at_end) >= n_parts:
+                                newest = newest_for_model(backlog, self.model)
+                                backlog.clear()
+                                self.caught_up.set()
+                                log_event(
+                                    log,
+                                    "model_updates_caught_up",
+                                    topic=self.topic,
+                                    newest=None if newest is None else newest.version,
+                                )
+                                if newest is not None:
+                                    self.on_update(newest)
+                        else:
+                            log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
+                        continue
+                    try:
+                        ev = decode(self.event_type, msg.value() or b"")
+                    except InvalidEvent as exc:
+                        self.invalid_events += 1
+                        log_event(log, "model_update_invalid", logging.WARNING, offset=msg.offset(), error=str(exc))
+                        continue
+                    if ev.model != self.model:
+                        continue
+                    if self.caught_up.is_set():
+                        self.on_update(ev)
                     else:
-                        log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
-                    continue
-                try:
-                    ev = decode(ModelUpdateEvent, msg.value() or b"")
-                except InvalidEvent as exc:
-                    self.invalid_events += 1
-                    log_event(log, "model_update_invalid", logging.WARNING, offset=msg.offset(), error=str(exc))
-                    continue
-                if ev.model != self.model:
-                    continue
-                if self.caught_up.is_set():
-                    self.on_update(ev)
-                else:
-                    backlog.append(ev)
+                        backlog.append(ev)
         except Exception:
             log.exception("model_updates_follower_crashed")
             time.sleep(0)

@@ -5,6 +5,12 @@ waiting jobs (`services.serving.batching`), runs each batch to completion while 
 `generation_lock`, and hands tokens back to the asyncio side through the job's queue. A
 weight swap takes the same lock, so it happens between batches: a batch never mixes two
 versions, and no request is dropped by a swap. No torch import here.
+
+During a canary rollout an engine may hold a second weight set, the candidate. A job
+asks for it (`Job.candidate`, from the sticky split); a batch holds jobs of one arm only,
+and a job that asked for a candidate which is gone by the time its batch starts runs on
+the stable weights. The candidate is prepared outside the lock and put in place, promoted
+(it becomes the stable weights) or dropped with a reference swap under the lock.
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class Job:
         self.finish_reason: str | None = None
         self.version: int | None = None
         """The policy version that produced this completion (set when its batch starts)."""
+        self.candidate = False
+        """The sticky split sent this request to the rollout's candidate (if one is loaded)."""
         self.cancelled = False
         """Set by the reader when the client went away; the engine stops the row."""
         self._loop = loop
@@ -165,7 +173,9 @@ class Engine(ABC):
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.max_batch_tokens: int | None = None
         self.version = 0
-        """The policy version being served (0: the model directory)."""
+        """The policy version being served (0: the model directory); the stable one during a rollout."""
+        self.candidate_version: int | None = None
+        """The rollout candidate's version while its weights are loaded, else None."""
         self.generation_lock = threading.Lock()
         self.on_batch: BatchHook | None = None
         self._cv = threading.Condition()
@@ -200,6 +210,24 @@ class Engine(ABC):
     @abstractmethod
     def _load_weights(self, state_dict: dict[str, Any]) -> None:
         """Copy the weights in (called with generation_lock held, between batches)."""
+
+    def _prepare_candidate(self, state_dict: dict[str, Any]) -> Any:
+        """Build the candidate's weights beside the stable ones (outside the lock; checked already)."""
+        raise NotImplementedError(f"the {self.name} engine holds one weight set: canary rollouts are not supported")
+
+    def _install_candidate(self, prepared: Any) -> None:  # noqa: B027 - engines with candidates override
+        """Make `prepared` the candidate slot, or empty it with None (generation_lock held)."""
+
+    def _promote_candidate(self) -> None:
+        """Make the candidate slot the stable weights and empty it (generation_lock held)."""
+        raise NotImplementedError(f"the {self.name} engine holds one weight set: canary rollouts are not supported")
+
+    def _use_candidate(self, on: bool) -> None:  # noqa: B027 - engines with candidates override
+        """Run the next batch on the candidate (True) or the stable weights (generation_lock held)."""
+
+    def candidate_state_dict(self) -> dict[str, Any] | None:
+        """The candidate's weights (the base a delta may apply to), or None."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release engine resources (after `stop`)."""
@@ -256,6 +284,35 @@ class Engine(ABC):
                 self._swaps_pending -= 1
                 self._cv.notify_all()
 
+    def set_candidate(self, version: int, state_dict: dict[str, Any]) -> None:
+        """Check `state_dict` and serve it as the rollout candidate `version` (replacing any other).
+
+        Blocks while the weights are built (from a worker thread); batches hold off only
+        for the reference swap."""
+        self._check_weights(state_dict)
+        prepared = self._prepare_candidate(state_dict)
+        with self.generation_lock:
+            self._install_candidate(prepared)
+            self.candidate_version = version
+
+    def promote_candidate(self) -> int:
+        """Serve the candidate as the stable version for everyone; returns the version promoted."""
+        with self.generation_lock:
+            if self.candidate_version is None:
+                raise RuntimeError("no candidate to promote")
+            self._promote_candidate()
+            self.version, self.candidate_version = self.candidate_version, None
+            return self.version
+
+    def drop_candidate(self) -> None:
+        """Stop serving the candidate (its jobs run on the stable weights) and free it."""
+        with self.generation_lock:
+            self._install_candidate(None)
+            self.candidate_version = None
+
+    def _arm(self, job: Job) -> bool:
+        return job.candidate and self.candidate_version is not None
+
     def _next_batch(self) -> list[Job] | None:
         with self._cv:
             while True:
@@ -266,9 +323,17 @@ class Engine(ABC):
                     self._waiting.remove(job)
                     job.finish("abort")
                 oldest = self._waiting[0].arrived_s if self._waiting else None
-                wait = ready_in_s(len(self._waiting), oldest, time.monotonic(), self.max_batch_size, self.batch_wait_s)
+                # One arm per batch: the oldest job's, so neither arm starves.
+                arm = self._arm(self._waiting[0]) if self._waiting else False
+                pool = [i for i, j in enumerate(self._waiting) if self._arm(j) == arm]
+                wait = ready_in_s(len(pool), oldest, time.monotonic(), self.max_batch_size, self.batch_wait_s)
                 if wait == 0.0 and self._swaps_pending == 0:
-                    chosen = select_batch(self._waiting, self.max_batch_size, self.max_batch_tokens)
+                    chosen = [
+                        pool[i]
+                        for i in select_batch(
+                            [self._waiting[i] for i in pool], self.max_batch_size, self.max_batch_tokens
+                        )
+                    ]
                     batch = [self._waiting[i] for i in chosen]
                     for i in reversed(chosen):
                         del self._waiting[i]
@@ -282,8 +347,10 @@ class Engine(ABC):
                 return
             with self.generation_lock:
                 started = time.monotonic()
+                on_candidate = self._arm(batch[0])
+                self._use_candidate(on_candidate)
                 for job in batch:
-                    job.version = self.version
+                    job.version = self.candidate_version if on_candidate else self.version
                 try:
                     self._run_batch(batch)
                 except Exception as exc:  # one bad batch must not kill the replica

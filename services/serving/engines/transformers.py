@@ -50,6 +50,10 @@ class TransformersEngine(Engine):
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         self.device = device
+        self.candidate_model: Any = None
+        """The rollout candidate's module while one is loaded."""
+        self._active: Any = self.model
+        """The module the running batch uses (set under the generation lock)."""
         cfg = self.model.config
         self._max_len = min(settings.max_model_len_tokens, int(getattr(cfg, "max_position_embeddings", 2048)))
         eos = self.model.generation_config.eos_token_id
@@ -110,6 +114,31 @@ class TransformersEngine(Engine):
         with torch.no_grad():
             self.model.load_state_dict(state_dict, strict=False)
 
+    # --- canary candidate: a second copy of the module (135M params: ~0.5 GB in fp32) ---
+    def _prepare_candidate(self, state_dict: dict[str, Any]) -> Any:
+        import copy
+
+        candidate = copy.deepcopy(self.model)  # keeps tied weights tied
+        with torch.no_grad():
+            candidate.load_state_dict(state_dict, strict=False)
+        return candidate.eval()
+
+    def _install_candidate(self, prepared: Any) -> None:
+        self.candidate_model = prepared
+
+    def _promote_candidate(self) -> None:
+        self.model, self.candidate_model = self.candidate_model, None
+        self._active = self.model
+
+    def _use_candidate(self, on: bool) -> None:
+        self._active = self.candidate_model if on and self.candidate_model is not None else self.model
+
+    def candidate_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.candidate_model is None:
+            return None
+        tied = self._tied_names()
+        return {k: v.detach() for k, v in self.candidate_model.state_dict().items() if k not in tied}
+
     # --- generation ----------------------------------------------------------------
     @torch.inference_mode()
     def _run_batch(self, batch: list[Job]) -> None:
@@ -126,7 +155,7 @@ class TransformersEngine(Engine):
         cache = DynamicCache()
         steps = max(j.max_tokens for j in batch)
         for _ in range(steps):
-            out = self.model(
+            out = self._active(
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions,

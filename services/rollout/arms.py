@@ -1,0 +1,76 @@
+"""Per-arm counts of a rollout and how they travel in `RolloutEvent.arms` (pure).
+
+`RolloutEvent.arms` is a flat `{name: float}` map (a ClickHouse `Map(String, Float64)`),
+so an arm's figures are stored as `<arm>.<field>` (`candidate.successes`) and the
+rollout's own figures as `stat.<name>` / `rollout.<name>`. Keys are the contract the
+dashboard, the ClickHouse view `rollout_arms` and `rlfeed rollout status` read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+ARMS = ("stable", "candidate")
+WILSON_Z = 1.959963984540054
+"""Two-sided 95% normal quantile of the per-arm display interval."""
+
+
+@dataclass
+class ArmCounts:
+    """What the decision has seen of one arm (one version) since the rollout started."""
+
+    n: int = 0
+    """Samples counted (first settlement of each generation; corrections are not counted)."""
+    successes: int = 0
+    """Samples whose reward was above the success threshold (the accept-like signal)."""
+    reward_sum: float = 0.0
+    tokens_sum: int = 0
+    """Completion tokens over the counted samples (for the length guardrail)."""
+    dead_letters: int = 0
+    """Generations of this version that were dead-lettered (for the DLQ guardrail)."""
+
+    @property
+    def rate(self) -> float:
+        """Success rate (0 before any sample)."""
+        return self.successes / self.n if self.n else 0.0
+
+    @property
+    def mean_tokens(self) -> float:
+        """Mean completion length in tokens (0 before any sample)."""
+        return self.tokens_sum / self.n if self.n else 0.0
+
+
+def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate; (0, 1) with no data."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def encode_arms(arms: Mapping[str, ArmCounts]) -> dict[str, float]:
+    """`{arm: counts}` as flat metrics, with each arm's rate and 95% Wilson interval."""
+    out: dict[str, float] = {}
+    for name, arm in arms.items():
+        for key, value in asdict(arm).items():
+            out[f"{name}.{key}"] = float(value)
+        low, high = wilson_interval(arm.successes, arm.n)
+        out[f"{name}.rate"] = arm.rate
+        out[f"{name}.rate_low"] = low
+        out[f"{name}.rate_high"] = high
+        out[f"{name}.mean_tokens"] = arm.mean_tokens
+    return out
+
+
+def decode_arm(metrics: Mapping[str, float], name: str) -> ArmCounts:
+    """One arm's counts back from flat metrics (missing keys read as 0)."""
+    values = {}
+    for f in fields(ArmCounts):
+        raw = metrics.get(f"{name}.{f.name}", 0.0)
+        values[f.name] = float(raw) if f.type in ("float", float) else int(raw)
+    return ArmCounts(**values)

@@ -1,0 +1,178 @@
+"""Canary rollouts through the real broker: a streams worker decides, two replicas follow.
+
+A worse candidate is rolled back and a better one promoted, automatically, while
+requests from many users keep flowing to both replicas without one failing. The
+decision is fed synthetic samples on samples.v1 (known accept rates per version) so it
+decides in seconds; the split, the weights and the events are the real ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+from confluent_kafka import Producer
+
+from schemas.codec import encode, key_of
+from schemas.events import ModelUpdateEvent, SampleEvent, now_ms
+from schemas.topics import MODEL_UPDATES, SAMPLES
+from services.kafka.producers import producer_config
+from services.serving.split import Split
+from tests.test_serving_support import wait_for
+from tests.test_streams_worker import Worker
+
+MODEL = "canary-policy"
+TRAFFIC = 0.5
+USERS = [f"user-{i}" for i in range(24)]
+
+
+def _publish(bootstrap: str, prefix: str, events: list) -> None:
+    p = Producer(producer_config(bootstrap))
+    for ev in events:
+        topic = MODEL_UPDATES if isinstance(ev, ModelUpdateEvent) else SAMPLES
+        p.produce(topic.full_name(prefix), value=encode(ev), key=key_of(ev, topic.key))
+    assert p.flush(30) == 0
+
+
+def _samples(version: int, accept_rate: float, n: int, rng: random.Random) -> list[SampleEvent]:
+    return [
+        SampleEvent(
+            generation_id=f"gen-{uuid.uuid4().hex}",
+            model=MODEL,
+            policy_version=version,
+            prompt="p",
+            completion="c",
+            prompt_token_ids=[1],
+            completion_token_ids=[5, 6, 7],
+            completion_logprobs=[-0.5] * 3,
+            reward=1.0 if rng.random() < accept_rate else -1.0,
+            reward_components={},
+            feedback_event_ids=[],
+            settle_reason="terminal",
+            user_id=rng.choice(USERS),
+            generated_at_ms=now_ms(),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.timeout(240)
+def test_worse_candidate_rolled_back_better_promoted(
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from services.checkpoints.store import CheckpointStore
+    from services.serving.server import ServerThread
+    from services.serving.settings import ServingSettings
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    v0 = load_file(tiny_model_dir / "model.safetensors")
+    store.publish(MODEL, 0, v0, parent_version=None, full=True)
+    ev1 = store.publish(
+        MODEL, 1, {k: t * 1.5 if "mlp" in k else t for k, t in v0.items()}, parent_version=0, full=False
+    )
+    ev2 = store.publish(
+        MODEL, 2, {k: t * 0.5 if "mlp" in k else t for k, t in v0.items()}, parent_version=1, full=False
+    )
+
+    worker = Worker(
+        kafka_bootstrap,
+        topic_prefix,
+        f"g-{uuid.uuid4().hex[:8]}",
+        tmp_path / "worker.log",
+        RLFEED_ROLLOUT_ENABLED="true",
+        RLFEED_ROLLOUT_CANDIDATE_TRAFFIC_FRAC=str(TRAFFIC),
+        RLFEED_ROLLOUT_MIN_SAMPLES_PER_ARM="20",
+        RLFEED_ROLLOUT_DECIDE_INTERVAL_S="0.3",
+        RLFEED_ROLLOUT_REPORT_EVERY_SAMPLES="40",
+    )
+    base = ServingSettings(
+        kafka_url=f"kafka://{kafka_bootstrap}",
+        topic_prefix=topic_prefix,
+        model_dir=tiny_model_dir,
+        model_name=MODEL,
+        serving_port=0,
+        home_dir=tmp_path / "home",
+        checkpoint_dir=store.root,
+        rollout_enabled=True,
+        max_batch_size=4,
+        batch_wait_ms=2,
+        default_max_tokens=3,
+    )
+    rng = random.Random(5)
+    results: list[tuple[float, str, int]] = []  # (time, user, version)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    try:
+        with (
+            ServerThread(base.model_copy(update={"replica_id": "canary-a"})) as a,
+            ServerThread(base.model_copy(update={"replica_id": "canary-b"})) as b,
+        ):
+            replicas = [a, b]
+            clients = [openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0) for s in replicas]
+
+            def load(i: int) -> None:
+                for n in itertools.count():
+                    if stop.is_set():
+                        return
+                    user = USERS[(i * 7 + n) % len(USERS)]
+                    try:
+                        r = clients[n % 2].completions.create(model=MODEL, prompt=f"hi {n}", max_tokens=3, user=user)
+                        assert r.choices[0].finish_reason
+                        results.append((time.monotonic(), user, r.model_extra["policy_version"]))
+                    except BaseException as exc:
+                        errors.append(exc)
+                        return
+
+            threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(2)]
+            for t in threads:
+                t.start()
+            worker.wait_log("rollout_ready", timeout_s=60)
+
+            def candidate_everywhere(v: int | None) -> bool:
+                return all(s.replica.engine.candidate_version == v for s in replicas)
+
+            # --- 1. a worse candidate: on half the users, then rolled back ------------
+            deadline = time.monotonic() + 60
+            while not candidate_everywhere(1):  # the worker's Faust consumer may join late: republish
+                assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+                _publish(kafka_bootstrap, topic_prefix, [ev1])
+                wait_for(lambda: candidate_everywhere(1) or time.monotonic() > deadline, 5, "candidate 1")
+            loaded_at = time.monotonic()
+            wait_for(lambda: sum(v == 1 for t, _, v in results if t > loaded_at) >= 3, 30, "requests on 1")
+            during = [(u, v) for t, u, v in results if t > loaded_at]
+            split = Split(0, 1, TRAFFIC)
+            assert all(v == (1 if split.wants_candidate(MODEL, u) else 0) for u, v in during), during
+            _publish(kafka_bootstrap, topic_prefix, _samples(0, 0.8, 60, rng) + _samples(1, 0.1, 60, rng))
+            worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=30)
+            wait_for(lambda: candidate_everywhere(None), 30, "the rollback to reach both replicas")
+            assert all(s.replica.engine.version == 0 for s in replicas)
+
+            # --- 2. a better candidate: promoted, then served to everyone ---------------
+            _publish(kafka_bootstrap, topic_prefix, [ev2])
+            wait_for(lambda: candidate_everywhere(2), 30, "candidate 2")
+            _publish(kafka_bootstrap, topic_prefix, _samples(0, 0.3, 60, rng) + _samples(2, 0.95, 60, rng))
+            worker.wait_log("rollout_decision", lambda r: r["decision"] == "promote", timeout_s=30)
+            wait_for(lambda: all(s.replica.engine.version == 2 for s in replicas), 30, "the promotion")
+            promoted_at = time.monotonic()
+            wait_for(lambda: sum(t > promoted_at for t, _, _ in results) >= 4, 30, "requests after promotion")
+            stop.set()
+            for t in threads:
+                t.join(30)
+            for c in clients:
+                c.close()
+    finally:
+        stop.set()
+        worker.stop()
+    assert not errors, errors
+    assert {v for t, _, v in results if t > promoted_at} == {2}
+    assert {v for _, _, v in results} == {0, 1, 2}
+    decisions = [r["decision"] for r in worker.events("rollout_decision")]
+    assert decisions.count("rollback") == 1 and decisions.count("promote") == 1
