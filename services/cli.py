@@ -168,9 +168,20 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="run the online trainer").set_defaults(
         fn=lambda a: _delegate("services.trainer.main", "main")
     )
+    rm = sub.add_parser("rewardmodel", help="the reward model learned from user preferences")
+    rm_actions = rm.add_subparsers(dest="action", required=True)
+    rm_train = rm_actions.add_parser("train", help="retrain from preferences.v1 on a cadence, publish gated versions")
+    rm_train.set_defaults(fn=lambda a: _delegate("services.rewardmodel.main", "train"))
+    rm_serve = rm_actions.add_parser("serve", help="score (prompt, completion) pairs over HTTP with the latest version")
+    rm_serve.set_defaults(fn=lambda a: _delegate("services.rewardmodel.main", "serve"))
     rollback = sub.add_parser("rollback", help="republish an earlier policy version")
     rollback.add_argument("version", type=int)
     rollback.set_defaults(fn=lambda a: _delegate("services.trainer.main", "rollback", a.version))
+    rollout = sub.add_parser("rollout", help="canary rollouts: show, promote or abort the running candidate")
+    rollout.add_argument("action", choices=("status", "promote", "abort"))
+    rollout.add_argument("--model", help="the policy model (default: the only one with a rollout)")
+    rollout.add_argument("--reason", default="", help="why (kept in the event's reason)")
+    rollout.set_defaults(fn=lambda a: _delegate("services.rollout.operator", "run", a.action, a.model, a.reason))
     return p
 
 

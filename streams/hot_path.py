@@ -9,8 +9,10 @@ The order of one batch, and why a crash anywhere in it loses nothing:
    of both topics is owned by the same worker: range assignment, co-partitioned topics).
 2. State: `streams.join.process_batch` updates the per-partition dicts and returns the
    samples, dead letters and changelog records (final value per changed key).
-3. Produce the samples and dead letters, then queue the changelog records behind them:
-   one batched produce, flushed in two steps (4 and 5).
+3. Produce the samples, the preferences mined from them and the dead letters, then
+   queue the changelog records behind them: one batched produce, flushed in two steps
+   (4 and 5). Generations waiting for feedback are handed to the reward-model scorer
+   (a queue put that never blocks; the scorer thread fills the scores the join reads).
 4. Flush the samples and dead letters (acks=all; a delivery error stops the worker).
 5. Flush the changelog records.
 6. Commit the batch's offsets (synchronously).
@@ -31,19 +33,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections import Counter
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from mode import Service
 
-from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, SAMPLES
+from schemas.codec import MAX_MESSAGE_BYTES
+from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, PREFERENCES, SAMPLES
 from services import logs
+from services.kafka.idle import consume_or_pause
 from services.kafka.producers import producer_config
+from services.kafka.security import librdkafka_config
+from services.preferences.mining import PairState
+from services.preferences.scoring import BackgroundScorer, load_published
 from streams.changelog import changelog_topic, read_partitions, restore
-from streams.join import FB, GEN, JoinConfig, PartitionState, Record, process_batch
+from streams.join import FB, GEN, BatchOutput, JoinConfig, PartitionState, Record, process_batch
 from streams.settings import StreamsSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,38 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def reward_scorer(settings: StreamsSettings) -> BackgroundScorer:
+    """The reward-model scorer the settings ask for (started; it loads the latest version)."""
+    store = settings.checkpoint_dir or settings.home_dir / "checkpoints"
+    batch, threads = settings.reward_model_batch_size, settings.reward_model_torch_threads
+
+    def loader(version: int | None) -> Any:
+        return load_published(store, settings.reward_model_name, version, torch_threads=threads, batch_size=batch)
+
+    return BackgroundScorer(
+        loader,
+        batch_size=batch,
+        queue_max=settings.reward_model_queue_max,
+        max_scores=settings.reward_model_max_scores,
+        linger_s=settings.reward_model_linger_s,
+    ).start()
+
+
+def mine_preferences(pairs: PairState, out: BatchOutput) -> list[tuple[int, bytes, bytes]]:
+    """(partition, key, value) of the preferences mined from a batch's settled generations;
+    one too large for a message is counted in `out.counts` and left out."""
+    records = []
+    for p, outcome in out.outcomes:
+        for mined in pairs.observe(outcome):
+            value = orjson.dumps(mined.to_event())
+            if len(value) > MAX_MESSAGE_BYTES:
+                out.counts["preferences_too_large"] += 1
+                continue
+            records.append((p, mined.generation_id.encode(), value))
+    out.counts["preferences"] += len(records)
+    return records
+
+
 class HotPath:
     """One worker's join consumer, producer and per-partition state."""
 
@@ -62,6 +103,19 @@ class HotPath:
         self.bootstrap = bootstrap
         prefix = settings.topic_prefix
         self.cfg = JoinConfig.from_settings(settings, partitions)
+        self.preferences_topic = PREFERENCES.full_name(prefix)
+        self.pairs = (
+            PairState(
+                window_ms=int(settings.preference_pair_window_s * 1000),
+                max_keys=settings.preference_max_keys,
+                max_per_key=settings.preference_max_per_key,
+            )
+            if settings.preferences_enabled
+            else None
+        )
+        self.scorer = reward_scorer(settings) if settings.reward_model_enabled else None
+        if self.scorer is not None:
+            self.cfg = dataclasses.replace(self.cfg, model_scores=self.scorer.scores)
         self.gen_topic = GENERATIONS.full_name(prefix)
         self.fb_topic = FEEDBACK.full_name(prefix)
         self.samples_topic = SAMPLES.full_name(prefix)
@@ -74,7 +128,7 @@ class HotPath:
         self._delivery_errors: list[str] = []
         self.closed = False
         consumer_config = {
-            "bootstrap.servers": bootstrap,
+            **librdkafka_config(bootstrap, settings),
             "group.id": settings.group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -89,7 +143,7 @@ class HotPath:
         self.consumer = Consumer(consumer_config)
         self.producer = Producer(
             {
-                **producer_config(bootstrap),
+                **producer_config(bootstrap, settings),
                 "acks": "all",
                 "linger.ms": 5,
                 "batch.size": 1_000_000,
@@ -144,7 +198,9 @@ class HotPath:
         s = self.settings
         if self.closed:
             return 0
-        msgs = self.consumer.consume(num_messages=s.batch_max_messages, timeout=s.batch_timeout_s)
+        msgs = consume_or_pause(
+            self.consumer, s.batch_max_messages, s.batch_timeout_s, s.kafka_idle_poll_ms, s.kafka_idle_pause_ms
+        )
         now_s = time.monotonic()
         if not msgs and now_s - self._last_tick < s.tick_interval_s:
             return 0
@@ -163,14 +219,20 @@ class HotPath:
             offsets[(topic, p)] = m.offset()
         # 2. state
         out = process_batch(self.states, records, wall_ms(), self.cfg)
-        # 3. produce: samples and dead letters, then the changelog
+        if self.scorer is not None:
+            for gen in out.to_score:
+                self.scorer.submit(gen.generation_id, gen.prompt, gen.completion)
+        preferences = mine_preferences(self.pairs, out) if self.pairs is not None else []
+        # 3. produce: samples, preferences and dead letters, then the changelog
         produce = self._produce
         for p, key, value in out.samples:
             produce(self.samples_topic, value, key, p)
+        for p, key, value in preferences:
+            produce(self.preferences_topic, value, key, p)
         for key, value in out.dead_letters:
             produce(self.dlq_topic, value, key, None)
         # 4. flush them before the changelog can say "settled"
-        if out.samples or out.dead_letters:
+        if out.samples or preferences or out.dead_letters:
             self._flush()
         # 5. the changelog, flushed
         for p, key, value in out.changelog:
@@ -215,6 +277,8 @@ class HotPath:
             "settled_remembered": sum(len(st.settled) for st in self.states.values()),
             "last_commit_ts": self.last_commit_ts,
             **self.stats,
+            **(self.pairs.status() if self.pairs is not None else {}),
+            **(self.scorer.status() if self.scorer is not None else {}),
         }
 
     def close(self) -> None:
@@ -222,6 +286,8 @@ class HotPath:
         if self.closed:
             return
         self.closed = True
+        if self.scorer is not None:
+            self.scorer.stop()
         self.producer.flush(self.settings.flush_timeout_s)
         self.consumer.close()
 
@@ -238,6 +304,12 @@ class JoinService(Service):
 
     async def _call(self, fn: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def follow_model_update(self, model: str, version: int) -> None:
+        """A new version on model-updates.v1: the reward-model scorer loads it when it is its model."""
+        scorer = self.core.scorer if self.core is not None else None
+        if scorer is not None and model == self.settings.reward_model_name:
+            scorer.want(version)
 
     async def on_start(self) -> None:
         self.core = await self._call(lambda: HotPath(self.settings, self.bootstrap))

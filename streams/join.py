@@ -16,8 +16,12 @@ Semantics (all times are event time unless said otherwise):
 - A reward settles on a terminal signal (accept, reject, final edit; at the terminal
   feedback's event time) or `settle_window_s` after the first feedback's event time.
 - A generation without feedback `generation_ttl_s` after it was generated expires: it is
-  settled with reason `ttl` and `ttl_implicit_reward` when that is set, else dropped
-  (no sample). Either way it is remembered like a settled key.
+  settled with reason `ttl` and `ttl_implicit_reward` when that is set, or with the
+  reward model's score alone when `model_scores` has one, else dropped (no sample).
+  Either way it is remembered like a settled key.
+- With `model_scores` set, pending generations are handed out for scoring
+  (`BatchOutput.to_score`) and a sample gets the `reward_model` component when its score
+  is ready at settle time (missing: counted as `reward_model_skipped`, never waited for).
 - A settled key is remembered `correction_window_s` (by settle time) for late feedback:
   new feedback on a key that produced a sample emits a correction sample
   (`settle_reason=correction`, `corrects_event_id` = the sample it supersedes, reward over
@@ -43,11 +47,13 @@ import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode
-from schemas.events import FeedbackEvent, GenerationEvent, SettleReason
+from schemas.events import FeedbackEvent, FeedbackKind, GenerationEvent, SettleReason
+from services.preferences.mining import Outcome
 from streams.rewards import RewardInput, RewardParams, components, composite
 
 GEN = 0
@@ -56,6 +62,15 @@ FB = 1
 """Record source: feedback.v1."""
 
 REJECTED_BY = "streams"
+
+EXPLICIT_KINDS = frozenset({FeedbackKind.THUMB, FeedbackKind.RATING, FeedbackKind.EDIT})
+"""Feedback that states a verdict; without it a generation has only implicit feedback."""
+
+
+class ScoreLookup(Protocol):
+    """Reward-model scores by generation id, filled off the hot path (never waits)."""
+
+    def get(self, gid: str, default: float | None = None, /) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,12 @@ class JoinConfig:
     params: RewardParams = field(default_factory=RewardParams)
     generations_topic: str = "generations.v1"
     feedback_topic: str = "feedback.v1"
+    model_scores: ScoreLookup | None = None
+    """Reward-model scores read at settle time; None: the reward_model component is off."""
+    reward_model_for_all: bool = False
+    """Add the reward_model component to every sample, not only to those without explicit feedback."""
+    mine_preferences: bool = False
+    """Collect each settled generation in `BatchOutput.outcomes` for preference mining."""
 
     @classmethod
     def from_settings(cls, s: object, partitions: int) -> JoinConfig:
@@ -95,10 +116,12 @@ class JoinConfig:
             max_dead_letter_bytes=s.max_dead_letter_bytes,  # type: ignore[attr-defined]
             user_cap_per_partition=math.ceil(s.user_cap_samples_per_window / partitions),  # type: ignore[attr-defined]
             user_cap_window_ms=ms(s.user_cap_window_s),  # type: ignore[attr-defined]
-            weights=dict(s.reward_weights),  # type: ignore[attr-defined]
+            weights={**s.reward_weights, "reward_model": s.reward_model_weight},  # type: ignore[attr-defined]
             params=RewardParams.from_settings(s),
             generations_topic=f"{prefix}generations.v1",
             feedback_topic=f"{prefix}feedback.v1",
+            reward_model_for_all=s.reward_model_for == "all",  # type: ignore[attr-defined]
+            mine_preferences=s.preferences_enabled,  # type: ignore[attr-defined]
         )
 
 
@@ -184,6 +207,10 @@ class BatchOutput:
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     """(key, value) for dlq.v1."""
     counts: Counter[str] = field(default_factory=Counter)
+    to_score: list[GenerationEvent] = field(default_factory=list)
+    """New pending generations, for the reward model to score (when `cfg.model_scores` is set)."""
+    outcomes: list[tuple[int, Outcome]] = field(default_factory=list)
+    """(partition, settled generation) of every sample but corrections (when `cfg.mine_preferences`)."""
 
 
 def sample_id(generation_id: str, reason: str, feedback_ids: list[str]) -> str:
@@ -218,7 +245,11 @@ def _settle(st: PartitionState, gid: str, e: Entry, reason: str, at_ms: int, cfg
     e.settled_ms = at_ms
     st.settled[gid] = e
     st.dirty.add(gid)
-    if reason == SettleReason.TTL and cfg.params.ttl_implicit_reward is None:
+    if (
+        reason == SettleReason.TTL
+        and cfg.params.ttl_implicit_reward is None
+        and (cfg.model_scores is None or cfg.model_scores.get(gid) is None)
+    ):
         e.sample_id = None
         out.counts["expired_dropped"] += 1
         return
@@ -248,7 +279,8 @@ def _emit(
 ) -> None:
     gen = e.gen
     assert gen is not None
-    parts = components(RewardInput(gen.completion, e.fbs, reason, cfg.params))
+    score = _model_score(gid, e, cfg, out)
+    parts = components(RewardInput(gen.completion, e.fbs, reason, cfg.params, score))
     fb_ids = [fb.event_id for fb in e.fbs]
     sid = sample_id(gid, reason, fb_ids)
     sample = {
@@ -270,6 +302,7 @@ def _emit(
         "settle_reason": reason,
         "user_id": gen.user_id,
         "generated_at_ms": gen.event_time_ms,
+        "first_feedback_ms": min((fb.event_time_ms for fb in e.fbs), default=None),
     }
     if corrects is not None:
         sample["corrects_event_id"] = corrects
@@ -277,6 +310,35 @@ def _emit(
     e.sample_id = sid
     out.samples.append((st.partition, gid.encode(), orjson.dumps(sample)))
     out.counts["samples"] += 1
+    if cfg.mine_preferences and corrects is None:
+        out.outcomes.append((st.partition, _outcome(gen, e, at_ms)))
+
+
+def _model_score(gid: str, e: Entry, cfg: JoinConfig, out: BatchOutput) -> float | None:
+    """The reward model's score for this sample, if asked for and ready (else counted)."""
+    if cfg.model_scores is None:
+        return None
+    if not cfg.reward_model_for_all and any(fb.kind in EXPLICIT_KINDS for fb in e.fbs):
+        return None
+    score = cfg.model_scores.get(gid)
+    if score is None:
+        out.counts["reward_model_skipped"] += 1
+    return score
+
+
+def _outcome(gen: GenerationEvent, e: Entry, at_ms: int) -> Outcome:
+    return Outcome(
+        generation_id=gen.generation_id,
+        tenant_id=gen.tenant_id,
+        user_id=gen.user_id,
+        model=gen.model,
+        policy_version=gen.policy_version,
+        prompt=gen.prompt,
+        completion=gen.completion,
+        generated_at_ms=gen.event_time_ms,
+        settled_at_ms=at_ms,
+        feedback=tuple(e.fbs),
+    )
 
 
 def _on_generation(
@@ -303,6 +365,8 @@ def _on_generation(
         _settle(st, gid, e, SettleReason.TERMINAL, terminal.event_time_ms, cfg, out)
     else:
         st.schedule(gid, e, cfg)
+        if cfg.model_scores is not None:
+            out.to_score.append(gen)
 
 
 def _on_feedback(st: PartitionState, fb: FeedbackEvent, raw: bytes, rec: Record, cfg: JoinConfig, out: BatchOutput):

@@ -16,6 +16,7 @@ Every sample keeps the raw components, so the reward can be audited and recomput
 | regenerate | `regenerate_reward` when the user asked for another completion |
 | dwell | longest dwell / `dwell_saturation_s`, capped at 1 |
 | ttl_implicit | `ttl_implicit_reward` for a generation settled by its TTL without feedback |
+| reward_model | the reward model's score of the completion, when scoring is on and the score was ready at settle time |
 
 "Latest" means the largest (event_time_ms, arrival order).
 """
@@ -65,6 +66,8 @@ class RewardInput:
     feedback: Sequence[FeedbackLike]
     settle_reason: str
     params: RewardParams
+    model_score: float | None = None
+    """The reward model's score of this generation (None: scoring off, not ready, or not asked for)."""
 
 
 RewardFn = Callable[[RewardInput], float | None]
@@ -159,6 +162,12 @@ def ttl_implicit(inp: RewardInput) -> float | None:
     if inp.settle_reason == SettleReason.TTL and not inp.feedback:
         return inp.params.ttl_implicit_reward
     return None
+
+
+@register("reward_model")
+def reward_model(inp: RewardInput) -> float | None:
+    """The reward model's score, when the stream had one ready at settle time."""
+    return inp.model_score
 
 
 def components(inp: RewardInput) -> dict[str, float]:

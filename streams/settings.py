@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import orjson
 from pydantic import Field, model_validator
@@ -89,6 +90,40 @@ class StreamsSettings(RlfeedSettings):
     reward_clip: float = Field(10.0, gt=0)
     """The composite reward is clipped to [-reward_clip, +reward_clip]."""
 
+    # --- preferences and the reward model (services/preferences/) ---
+    preferences_enabled: bool = True
+    """Mine user preferences from settled generations onto preferences.v1."""
+    preference_pair_window_s: float = Field(3600.0, gt=0)
+    """Two generations of one user and prompt are paired only when settled within this
+    much event time of each other."""
+    preference_max_keys: int = Field(100_000, ge=1)
+    """(tenant, user, prompt) keys the worker remembers for pairing; beyond it the least
+    recently used is forgotten (about 1 KB of text each, per remembered generation)."""
+    preference_max_per_key: int = Field(4, ge=1)
+    """Settled generations remembered per (tenant, user, prompt) key."""
+    reward_model_enabled: bool = False
+    """Score generations with the published reward model, off the hot path, and add its
+    score to the reward as the `reward_model` component."""
+    reward_model_weight: float = 0.5
+    """Weight of the `reward_model` component in the composite reward."""
+    reward_model_for: Literal["implicit", "all"] = "implicit"
+    """Which samples get the component: `implicit`, those without a thumb, rating or edit
+    (only implicit or no feedback); `all`, every sample."""
+    reward_model_name: str = "rewardmodel-minilm"
+    """Name of the reward model on model-updates.v1 and in the checkpoint store."""
+    checkpoint_dir: Path | None = None
+    """Root of the checkpoint store (the trainer's and replicas' setting); unset: `<home_dir>/checkpoints`."""
+    reward_model_batch_size: int = Field(64, ge=1)
+    """Generations scored per forward pass."""
+    reward_model_linger_s: float = Field(0.05, ge=0)
+    """Longest the scorer waits for a batch to fill."""
+    reward_model_queue_max: int = Field(20_000, ge=1)
+    """Generations waiting for a score; beyond it new ones are not scored (counted as dropped)."""
+    reward_model_max_scores: int = Field(200_000, ge=1)
+    """Scores kept for settling (the oldest are forgotten; about 100 bytes each)."""
+    reward_model_torch_threads: int = Field(1, ge=1)
+    """torch threads of the scorer (it shares the cores with the join thread)."""
+
     # --- client ---
     batch_max_messages: int = Field(5000, ge=1)
     """Most messages one hot-path batch consumes."""
@@ -113,6 +148,42 @@ class StreamsSettings(RlfeedSettings):
     """Serve the Faust web view (`/streams/status`)."""
     streams_web_port: int = Field(6066, ge=0, le=65535)
     """Port of the web view (0: pick a free one)."""
+
+    # --- canary rollouts (streams/rollout.py explains the test) ---
+    rollout_enabled: bool = False
+    """Decide canary rollouts: a published version becomes the candidate on rollouts.v1 and
+    is promoted or rolled back from live reward. Serving reads the same
+    `RLFEED_ROLLOUT_ENABLED`; off, replicas swap to every published version at once."""
+    rollout_candidate_traffic_frac: float = Field(0.1, gt=0, le=1)
+    """Share of users (sticky by user id) a new candidate serves."""
+    rollout_promote_alpha: float = Field(0.05, gt=0, lt=1)
+    """Bound on the probability of promoting a candidate that is not better (always valid)."""
+    rollout_rollback_alpha: float = Field(0.05, gt=0, lt=1)
+    """Bound on the probability of rolling back, on evidence, a candidate that is not worse."""
+    rollout_mixture_tau: float = Field(0.08, gt=0)
+    """Scale (in success-rate difference) of the mSPRT's normal mixture: the effect size the
+    test is most sensitive to."""
+    rollout_min_samples_per_arm: int = Field(30, ge=1)
+    """No reward-based decision before each arm has this many samples (the variance
+    plug-in needs a few)."""
+    rollout_max_samples: int = Field(10_000, ge=2)
+    """Budget: samples on both arms together after which a candidate without evidence of
+    improvement is rolled back."""
+    rollout_success_reward_min: float = 0.0
+    """A sample is a success (the accept-like signal) when its reward is above this."""
+    rollout_max_length_ratio: float = Field(2.0, gt=1)
+    """Guardrail: roll back when the candidate's mean completion length (tokens) is more than
+    this many times stable's, or less than its inverse."""
+    rollout_guardrail_min_samples: int = Field(20, ge=1)
+    """Samples each arm needs before the length guardrail is checked."""
+    rollout_max_dead_letter_frac: float = Field(0.05, ge=0, le=1)
+    """Guardrail: roll back when more than this share of the candidate's generations were dead-lettered."""
+    rollout_min_dead_letters: int = Field(5, ge=1)
+    """Dead letters of the candidate below which the dead-letter guardrail stays quiet."""
+    rollout_decide_interval_s: float = Field(1.0, gt=0)
+    """How often the rollout decision is evaluated (the test stays valid at any cadence)."""
+    rollout_report_every_samples: int = Field(200, ge=1)
+    """A collect event with the arms goes to rollouts.v1 after this many new samples."""
 
     @model_validator(mode="after")
     def _load_weights_file(self) -> StreamsSettings:

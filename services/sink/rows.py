@@ -19,6 +19,7 @@ from schemas.events import (
     FeedbackEvent,
     GenerationEvent,
     ModelUpdateEvent,
+    PreferenceEvent,
     ReplicaStatusEvent,
     RolloutEvent,
     SampleEvent,
@@ -163,6 +164,26 @@ def rollout_tuple(e: RolloutEvent) -> tuple:
     )
 
 
+def preference_tuple(e: PreferenceEvent) -> tuple:
+    """A preferences row."""
+    return (
+        e.event_id,
+        e.event_time_ms,
+        e.tenant_id,
+        e.generation_id,
+        str(e.kind),
+        e.model,
+        e.prompt,
+        e.chosen,
+        e.rejected,
+        e.chosen_generation_id,
+        e.rejected_generation_id,
+        e.margin,
+        len(e.feedback_event_ids),
+        e.user_id,
+    )
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One topic's table: its name, column order, tuple function and time columns."""
@@ -281,6 +302,24 @@ SPECS: dict[str, TableSpec] = {
             "arms",
         ),
         rollout_tuple,
+    ),
+    "preferences.v1": TableSpec(
+        "preferences",
+        (
+            *BASE_COLUMNS,
+            "generation_id",
+            "kind",
+            "model",
+            "prompt",
+            "chosen",
+            "rejected",
+            "chosen_generation_id",
+            "rejected_generation_id",
+            "margin",
+            "feedback_count",
+            "user_id",
+        ),
+        preference_tuple,
     ),
 }
 """Topic name (unprefixed) -> its table spec."""

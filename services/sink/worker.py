@@ -28,7 +28,9 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import Event
 from schemas.topics import DLQ, PUBLIC_TOPICS, Topic, topic_for_name
+from services.kafka.idle import consume_or_pause
 from services.kafka.producers import producer_config
+from services.kafka.security import librdkafka_config
 from services.logs import event
 from services.sink.rows import SPECS, TableSpec
 from services.sink.settings import SinkSettings
@@ -78,7 +80,7 @@ class Sink:
         self.stats = SinkStats()
         self.consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **librdkafka_config(bootstrap, settings),
                 "group.id": f"{settings.topic_prefix}{settings.sink_group_id}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -88,7 +90,7 @@ class Sink:
                 **({"group.instance.id": settings.sink_group_instance_id} if settings.sink_group_instance_id else {}),
             }
         )
-        self.producer = Producer({**producer_config(bootstrap), "acks": "all", "linger.ms": 5})
+        self.producer = Producer({**producer_config(bootstrap, settings), "acks": "all", "linger.ms": 5})
         self.consumer.subscribe([t.full_name(self.prefix) for t in PUBLIC_TOPICS])
         self._routes: dict[str, _Route] = {}
         self._specs: dict[str, TableSpec] = {spec.table: spec for spec in SPECS.values()}
@@ -105,7 +107,10 @@ class Sink:
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll, insert and commit one batch; return the number of messages in it."""
-        messages = self.consumer.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
+        s = self.settings
+        messages = consume_or_pause(
+            self.consumer, s.sink_batch_max_events, s.sink_batch_max_wait_s, s.kafka_idle_poll_ms, s.kafka_idle_pause_ms
+        )
         if not messages:
             return 0
         rows: dict[str, list[tuple]] = defaultdict(list)

@@ -18,7 +18,9 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import SampleEvent
 from schemas.topics import DLQ, SAMPLES
+from services.kafka.idle import consume_or_pause
 from services.kafka.producers import producer_config
+from services.kafka.security import librdkafka_config
 from services.logs import event
 from services.trainer.batching import Batch, collate, is_heldout, too_stale
 from services.trainer.settings import TrainerSettings
@@ -49,7 +51,7 @@ class SampleReader:
         self.pad_id = pad_id
         self.consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **librdkafka_config(bootstrap, settings),
                 "group.id": f"{settings.topic_prefix}{settings.trainer_group_id}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -57,7 +59,7 @@ class SampleReader:
                 "fetch.wait.max.ms": 100,
             }
         )
-        self.producer = Producer({**producer_config(bootstrap), "linger.ms": 50})
+        self.producer = Producer({**producer_config(bootstrap, settings), "linger.ms": 50})
         meta = self.consumer.list_topics(self.topic, timeout=30)
         parts = meta.topics[self.topic].partitions if self.topic in meta.topics else {}
         if not parts:
@@ -82,8 +84,12 @@ class SampleReader:
             deadline = first_at + s.trainer_batch_wait_s if first_at is not None else give_up
             if now >= deadline or (stop is not None and stop.is_set()):
                 break
-            msgs = self.consumer.consume(
-                num_messages=s.trainer_batch_size - len(batch.samples), timeout=min(0.2, deadline - now)
+            msgs = consume_or_pause(
+                self.consumer,
+                s.trainer_batch_size - len(batch.samples),
+                min(0.5, deadline - now),
+                s.kafka_idle_poll_ms,
+                s.kafka_idle_pause_ms,
             )
             for msg in msgs:
                 err = msg.error()
