@@ -21,12 +21,14 @@ import httpx
 import orjson
 
 from schemas.events import FeedbackEvent
-from schemas.topics import FEEDBACK
+from schemas.topics import FEEDBACK, GENERATIONS, PUBLIC_TOPICS, Topic
 from services.demo.children import Child, base_env, child_env
 from services.demo.settings import DemoSettings
 from services.simulator.population import Population
 from services.simulator.preference import load as load_preference
+from services.sink.settings import SinkSettings
 from services.stack import state as stack_state
+from streams.settings import StreamsSettings
 
 
 def _say(line: str) -> None:
@@ -85,15 +87,30 @@ def run(settings: DemoSettings, print_report: bool = True) -> dict:
         _say(f"trainer up; {len(urls)} replicas up: {', '.join(urls)}; logs in {logs}")
         sim_settings = settings.model_copy(update={"sim_replica_urls": tuple(urls), "kafka_url": kafka_url})
         report = asyncio.run(_simulate(sim_settings, preference, children, time.monotonic()))
+        # Drain: the replicas flush their last generation events as they stop; the stream
+        # worker must consume them (and the last feedback) before its counters are final.
+        for child in reversed(children):
+            if child.name.startswith("replica-"):
+                child.stop()
+        prefix, wait_s = settings.topic_prefix, settings.demo_drain_timeout_s
+        streams_group = StreamsSettings(topic_prefix=prefix).group_id
+        report["streams_drained"] = _wait_drained(kafka_url, prefix, streams_group, (GENERATIONS, FEEDBACK), wait_s)
+        # ... and then the sink must have copied everything the stream wrote.
+        sink_group = f"{prefix}{SinkSettings(topic_prefix=prefix).sink_group_id}"
+        report["sink_drained"] = _wait_drained(kafka_url, prefix, sink_group, PUBLIC_TOPICS, wait_s)
         report["clickhouse_rows"] = _final_counts(home, settings)
     finally:
         for child in reversed(children):
-            child.stop()
+            child.stop(settings.demo_trainer_stop_grace_s if child.name == "trainer" else 20.0)
     report["elapsed_s"] = round(time.monotonic() - started, 1)  # start-up included
     report["streams"] = _last_log_fields(logs / "streams.log", "streams.join_stopped")
     report["trainer"] = _last_log_fields(logs / "trainer.log", "trainer_stopped")
     report["published_versions"] = _published_versions(logs / "trainer.log")
-    report["summary"] = summarize(report)
+    report["publish_to_serving_s"] = publish_to_serving(
+        _log_lines(logs / "trainer.log", "published"),
+        [r for i in range(settings.demo_replicas) for r in _log_lines(logs / f"replica-{i}.log", "weights_swapped")],
+    )
+    report["summary"] = summarize(report, settings.demo_report_min_answers)
     (home / "demo-report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     if print_report:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
@@ -113,6 +130,32 @@ def _final_counts(home, settings: DemoSettings) -> dict | None:
             return state.get("clickhouse_rows")
         time.sleep(1)
     return None
+
+
+def _wait_drained(kafka_url: str, prefix: str, group: str, topics: tuple[Topic, ...], timeout_s: float) -> bool:
+    """Wait until consumer `group` has committed every event in `topics` (all partitions);
+    False if it had not after `timeout_s`."""
+    from confluent_kafka import TopicPartition
+
+    from services.dashboard.lag import LagProbe
+    from services.kafka.url import bootstrap_servers
+
+    partitions = [TopicPartition(t.full_name(prefix), p) for t in topics for p in range(t.partitions)]
+    names = {tp.topic for tp in partitions}
+    probe = LagProbe(bootstrap_servers(kafka_url), [group])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            committed = sum(r.committed for r in probe.probe() if r.topic in names)
+            ends = sum(probe.consumer.get_watermark_offsets(tp, timeout=5)[1] for tp in partitions)
+            if committed >= ends:
+                return True
+            if time.monotonic() > deadline:
+                _say(f"{group} had not consumed {ends - committed} events after {timeout_s:.0f} s")
+                return False
+            time.sleep(0.5)
+    finally:
+        probe.close()
 
 
 def _log_lines(path: Path, name: str) -> list[dict]:
@@ -145,17 +188,29 @@ def _published_versions(path: Path) -> dict:
     return {"published": published, "gate_refused": len(refused)}
 
 
-def summarize(report: dict) -> dict:
-    """First and last policy versions that users saw, and the relative change in accept rate."""
+def publish_to_serving(published: list[dict], swapped: list[dict]) -> dict:
+    """Seconds from each trained version's `published` log line to each replica's
+    `weights_swapped` line for it: p50, max, and how many (version, replica) swaps."""
+    at = {r["version"]: r["ts"] for r in published if r.get("version")}
+    delays = sorted(r["ts"] - at[r["version"]] for r in swapped if r.get("version") in at and not r.get("rollback"))
+    if not delays:
+        return {"swaps": 0}
+    return {"p50": round(delays[len(delays) // 2], 2), "max": round(delays[-1], 2), "swaps": len(delays)}
+
+
+def summarize(report: dict, min_answers: int = 1) -> dict:
+    """First and last policy versions that users saw (the last one with at least
+    `min_answers` answers), and the relative change in accept rate."""
     versions = report.get("versions", {})
     if not versions:
         return {}
     order = sorted(versions, key=int)
-    first, last = versions[order[0]], versions[order[-1]]
+    enough = [v for v in order if versions[v]["answers"] >= min_answers] or order
+    first, last = versions[order[0]], versions[enough[-1]]
     base = first["accept_rate"]
     return {
         "first_version": int(order[0]),
-        "last_version": int(order[-1]),
+        "last_version": int(enough[-1]),
         "first": first,
         "last": last,
         "relative_improvement": round((last["accept_rate"] - base) / base, 3) if base > 0 else None,

@@ -31,6 +31,15 @@ class DemoSettings(SimulatorSettings):
     demo_heldout_every: int = 8
     """The trainer holds out every Nth sample for its gate (more often than in production,
     so the first version can be judged within minutes)."""
+    demo_trainer_stop_grace_s: float = 180.0
+    """How long the trainer may take to write its shutdown checkpoint (weights and AdamW
+    state of the 135M model are ~1.6 GB) before it is killed."""
+    demo_drain_timeout_s: float = 60.0
+    """At the end, how long the stream worker may take to consume the last events before
+    the counts are taken anyway (the report says whether it drained)."""
+    demo_report_min_answers: int = 30
+    """The report's "last version" is the newest one users saw at least this many times,
+    so its accept rate has a usable interval."""
     sim_concurrency: int = 24
     """Requests in flight at once: enough for batches of ~12 per replica, where CPU
     generation is several times more efficient than one by one."""
