@@ -21,10 +21,9 @@ class RlfeedSettings(BaseSettings):
     kafka_url: str | None = None
     """`kafka://host:port[,host:port]` of a running broker; unset: the embedded broker."""
     kafka_idle_pause_ms: int = Field(250, ge=0)
-    """After a poll that brought nothing, consumers stop fetching this long (the embedded
-    broker answers empty fetches at once, see services/kafka/idle.py); 0: off."""
-    kafka_idle_poll_ms: int = Field(50, ge=1)
-    """Longest a consumer's poll waits before an idle pause (librdkafka fetches while it waits)."""
+    """After a fetch that brought nothing, aiokafka consumers (the Faust worker's) wait this
+    long before the next (the embedded broker answers empty fetches at once, see
+    services/kafka/idle.py); 0: off."""
     clickhouse_url: str | None = None
     """`http(s)://user:pass@host:8123/db` or `chdb:///path`; unset: chdb under home_dir."""
     topic_prefix: str = ""

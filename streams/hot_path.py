@@ -46,7 +46,6 @@ from mode import Service
 from schemas.codec import MAX_MESSAGE_BYTES
 from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, PREFERENCES, SAMPLES
 from services import logs
-from services.kafka.idle import consume_or_pause
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.preferences.mining import PairState
@@ -198,9 +197,7 @@ class HotPath:
         s = self.settings
         if self.closed:
             return 0
-        msgs = consume_or_pause(
-            self.consumer, s.batch_max_messages, s.batch_timeout_s, s.kafka_idle_poll_ms, s.kafka_idle_pause_ms
-        )
+        msgs = self.consumer.consume(num_messages=s.batch_max_messages, timeout=s.batch_timeout_s)
         now_s = time.monotonic()
         if not msgs and now_s - self._last_tick < s.tick_interval_s:
             return 0

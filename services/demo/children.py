@@ -23,6 +23,8 @@ class Child:
     command: list[str]
     env: dict[str, str]
     log_dir: Path
+    nice: int = 0
+    """CPU priority increment of the process (and its children, e.g. the broker)."""
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -38,9 +40,15 @@ class Child:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
+                preexec_fn=self._prepare,
             )
         return self
+
+    def _prepare(self) -> None:
+        """In the child before exec: die with the demo; lower the priority if asked."""
+        die_with_parent()
+        if self.nice:
+            os.nice(self.nice)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

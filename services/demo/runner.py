@@ -52,14 +52,20 @@ def run(settings: DemoSettings, print_report: bool = True) -> dict:
     try:
         # The stack owns ClickHouse and the sink; it starts the embedded broker unless
         # RLFEED_KAFKA_URL names one.
-        stack = Child("stack", ["up"], child_env(env, embedded_kafka_port=settings.demo_embedded_kafka_port), logs)
+        # The broker, sink and stream worker run at a lower priority: against the embedded
+        # broker their Kafka clients spin on empty fetches (services/kafka/idle.py), and the
+        # model processes must come first.
+        nice = settings.demo_infra_nice
+        stack_env = child_env(env, embedded_kafka_port=settings.demo_embedded_kafka_port)
+        stack = Child("stack", ["up"], stack_env, logs, nice=nice)
         children.append(stack.start())
         stack.wait_ready(lambda: stack_state.read(home) is not None, settings.demo_startup_timeout_s)
         up = stack_state.read(home)
         kafka_url = up["kafka_url"]
         _say(f"stack up: {kafka_url}, ClickHouse {up['clickhouse_url']}, dashboard {up.get('dashboard_url')}")
         env = child_env(env, kafka_url=kafka_url)
-        streams = Child("streams", ["streams"], child_env(env, settle_window_s=settings.demo_settle_window_s), logs)
+        streams_env = child_env(env, settle_window_s=settings.demo_settle_window_s)
+        streams = Child("streams", ["streams"], streams_env, logs, nice=nice)
         children.append(streams.start())
         trainer_env = child_env(
             env,

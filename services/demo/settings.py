@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
+
 from services.simulator.settings import SimulatorSettings
 
 
@@ -31,6 +33,9 @@ class DemoSettings(SimulatorSettings):
     demo_heldout_every: int = 8
     """The trainer holds out every Nth sample for its gate (more often than in production,
     so the first version can be judged within minutes)."""
+    demo_infra_nice: int = Field(10, ge=0, le=19)
+    """CPU priority increment (nice) of the stack (broker, sink, dashboard) and the stream
+    worker, so the replicas and the trainer get the cores first."""
     demo_trainer_stop_grace_s: float = 180.0
     """How long the trainer may take to write its shutdown checkpoint (weights and AdamW
     state of the 135M model are ~1.6 GB) before it is killed."""

@@ -127,8 +127,6 @@ class Replica:
                 on_update=self.offer_update,
                 topic=ROLLOUTS if self.settings.rollout_enabled else MODEL_UPDATES,
                 event_type=RolloutEvent if self.settings.rollout_enabled else ModelUpdateEvent,
-                idle_poll_ms=self.settings.kafka_idle_poll_ms,
-                idle_pause_ms=self.settings.kafka_idle_pause_ms,
             )
             self.follower.start()
         self.state = ReplicaState.SERVING

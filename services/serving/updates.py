@@ -50,12 +50,8 @@ class UpdateFollower:
         on_update: Callable[[Any], None],
         topic: Topic = MODEL_UPDATES,
         event_type: type = ModelUpdateEvent,
-        idle_poll_ms: int = 50,
-        idle_pause_ms: int = 250,
     ) -> None:
         self.bootstrap = bootstrap
-        self.idle_poll_ms = idle_poll_ms
-        self.idle_pause_ms = idle_pause_ms
         self.topic = topic.full_name(topic_prefix)
         self.event_type = event_type
         self.model = model
@@ -110,45 +106,45 @@ class UpdateFollower:
     def _run(self) -> None:
         from confluent_kafka import KafkaError
 
-        from services.kafka.idle import consume_or_pause
-
         consumer = self._consumer()
         try:
             n_parts = self._assign(consumer)
             at_end: set[int] = set()
             backlog: list[Any] = []
             while not self._stop.is_set():
-                for msg in consume_or_pause(consumer, 100, 0.5, self.idle_poll_ms, self.idle_pause_ms):
-                    if msg.error() is not None:
-                        if msg.error().code() == KafkaError._PARTITION_EOF:
-                            at_end.add(msg.partition())
-                            if not self.caught_up.is_set() and len(at_end) >= n_parts:
-                                newest = newest_for_model(backlog, self.model)
-                                backlog.clear()
-                                self.caught_up.set()
-                                log_event(
-                                    log,
-                                    "model_updates_caught_up",
-                                    topic=self.topic,
-                                    newest=None if newest is None else newest.version,
-                                )
-                                if newest is not None:
-                                    self.on_update(newest)
-                        else:
-                            log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
-                        continue
-                    try:
-                        ev = decode(self.event_type, msg.value() or b"")
-                    except InvalidEvent as exc:
-                        self.invalid_events += 1
-                        log_event(log, "model_update_invalid", logging.WARNING, offset=msg.offset(), error=str(exc))
-                        continue
-                    if ev.model != self.model:
-                        continue
-                    if self.caught_up.is_set():
-                        self.on_update(ev)
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error() is not None:
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                        if not self.caught_up.is_set() and len(at_end) >= n_parts:
+                            newest = newest_for_model(backlog, self.model)
+                            backlog.clear()
+                            self.caught_up.set()
+                            log_event(
+                                log,
+                                "model_updates_caught_up",
+                                topic=self.topic,
+                                newest=None if newest is None else newest.event_id,
+                            )
+                            if newest is not None:
+                                self.on_update(newest)
                     else:
-                        backlog.append(ev)
+                        log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
+                    continue
+                try:
+                    ev = decode(self.event_type, msg.value() or b"")
+                except InvalidEvent as exc:
+                    self.invalid_events += 1
+                    log_event(log, "model_update_invalid", logging.WARNING, offset=msg.offset(), error=str(exc))
+                    continue
+                if ev.model != self.model:
+                    continue
+                if self.caught_up.is_set():
+                    self.on_update(ev)
+                else:
+                    backlog.append(ev)
         except Exception:
             log.exception("model_updates_follower_crashed")
             time.sleep(0)

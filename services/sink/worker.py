@@ -28,7 +28,6 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import Event
 from schemas.topics import DLQ, PUBLIC_TOPICS, Topic, topic_for_name
-from services.kafka.idle import consume_or_pause
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.logs import event
@@ -107,10 +106,7 @@ class Sink:
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll, insert and commit one batch; return the number of messages in it."""
-        s = self.settings
-        messages = consume_or_pause(
-            self.consumer, s.sink_batch_max_events, s.sink_batch_max_wait_s, s.kafka_idle_poll_ms, s.kafka_idle_pause_ms
-        )
+        messages = self.consumer.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
         if not messages:
             return 0
         rows: dict[str, list[tuple]] = defaultdict(list)

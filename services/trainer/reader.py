@@ -18,7 +18,6 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import SampleEvent
 from schemas.topics import DLQ, SAMPLES
-from services.kafka.idle import consume_or_pause
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.logs import event
@@ -84,12 +83,8 @@ class SampleReader:
             deadline = first_at + s.trainer_batch_wait_s if first_at is not None else give_up
             if now >= deadline or (stop is not None and stop.is_set()):
                 break
-            msgs = consume_or_pause(
-                self.consumer,
-                s.trainer_batch_size - len(batch.samples),
-                min(0.5, deadline - now),
-                s.kafka_idle_poll_ms,
-                s.kafka_idle_pause_ms,
+            msgs = self.consumer.consume(
+                num_messages=s.trainer_batch_size - len(batch.samples), timeout=min(0.2, deadline - now)
             )
             for msg in msgs:
                 err = msg.error()
