@@ -13,13 +13,19 @@ samples trained, and the stream's and ClickHouse's counts. The baseline is versi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import tempfile
 from pathlib import Path
 
-import orjson
+# Run as a script, bench/ is first on sys.path and bench/streams.py would shadow the
+# `streams` package that the demo imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from services.demo.runner import run
-from services.demo.settings import DemoSettings
+import orjson  # noqa: E402
+
+from services.demo.runner import run  # noqa: E402
+from services.demo.settings import DemoSettings  # noqa: E402
 
 
 def main() -> None:
@@ -28,10 +34,11 @@ def main() -> None:
     parser.add_argument("--preference", default="services.simulator.preference:concise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", help="the policy model (default: <repo>/.rlfeed/models/smollm2-135m-instruct)")
+    parser.add_argument("--home", help="keep the run's home (logs, report, ClickHouse) here instead of a temp dir")
     args = parser.parse_args()
     repo = Path(__file__).resolve().parents[1]
     model_dir = Path(args.model_dir) if args.model_dir else repo / ".rlfeed" / "models" / "smollm2-135m-instruct"
-    with tempfile.TemporaryDirectory(prefix="rlfeed-learning-") as home:
+    with contextlib.nullcontext(args.home) if args.home else tempfile.TemporaryDirectory(prefix="rlfeed-") as home:
         settings = DemoSettings(
             home_dir=Path(home),
             demo_model_dir=model_dir,
