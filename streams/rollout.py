@@ -43,6 +43,7 @@ pending version starts as the next candidate when the running rollout ends.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -184,8 +185,6 @@ class Rollout:
     arms: dict[str, ArmCounts] = field(default_factory=lambda: {"stable": ArmCounts(), "candidate": ArmCounts()})
     counted: set[str] = field(default_factory=set)
     """Generation ids already counted (a sample re-read after a restart counts once)."""
-    awaiting_event_id: str | None = None
-    """A decision was sent; no new one until it is read back from the topic."""
     reported_n: int = 0
     """Samples counted when the last collect report was sent."""
 
@@ -349,16 +348,29 @@ class RolloutController:
         self.policy = policy
         self.report_every_samples = report_every_samples
         self.rollouts: dict[str, Rollout] = {}
+        self._declared: deque[str] = deque(maxlen=1024)
+        """Ids of the events this controller decided (applied at once, skipped on read-back)."""
+
+    def declare(self, events: list[RolloutEvent]) -> list[RolloutEvent]:
+        """Apply this controller's own decisions now, not when they are read back from the
+        topic: a model update or a tick in between must see the outcome (a version
+        published just after a rollback must not queue behind the rolled-back candidate
+        and revive it). Returns `events`, to be published."""
+        for ev in events:
+            self.adopt(ev)
+            self._declared.append(ev.event_id)
+        return events
 
     def adopt(self, ev: RolloutEvent) -> bool:
-        """Take the split an event on rollouts.v1 declares; True if a new rollout (fresh arms) began."""
+        """Take the split an event on rollouts.v1 declares; True if a new rollout (fresh arms) began.
+        The read-back of an event this controller declared is a no-op."""
+        if ev.event_id in self._declared:
+            return False
         new = rollout_from_event(ev)
         old = self.rollouts.get(ev.model)
         if old is not None and old.key == new.key:
             old.candidate_traffic = new.candidate_traffic
             old.pending_version = new.pending_version
-            if old.awaiting_event_id == ev.event_id:
-                old.awaiting_event_id = None
             return False
         self.rollouts[ev.model] = new
         return True
@@ -377,19 +389,21 @@ class RolloutController:
 
     def on_model_update(self, update: ModelUpdateEvent, now_ms: int) -> list[RolloutEvent]:
         """Events a new model update calls for (see `on_model_update`)."""
-        return on_model_update(self.rollouts.get(update.model), update, self.policy, now_ms)
+        return self.declare(on_model_update(self.rollouts.get(update.model), update, self.policy, now_ms))
 
     def tick(self, now_ms: int) -> list[RolloutEvent]:
         """Evaluate every running rollout: decisions, and a collect report every N samples."""
         out: list[RolloutEvent] = []
         for r in self.rollouts.values():
-            if r.candidate_version is None or r.awaiting_event_id is not None:
+            if r.candidate_version is None:
                 continue
             verdict = decide(r.arms["stable"], r.arms["candidate"], self.policy)
             if verdict.decision != RolloutDecision.COLLECT:
                 events = conclude(r, verdict.decision, verdict.reason, verdict.stats, self.policy, now_ms)
-                r.awaiting_event_id = events[0].event_id
-                out.extend(events)
+                # The decision holds from now on, not from when it is read back from the
+                # topic: a model update arriving in between must queue behind the outcome,
+                # not behind the candidate just decided on (which it would then revive).
+                out.extend(self.declare(events))
                 continue
             n = r.arms["stable"].n + r.arms["candidate"].n
             if n - r.reported_n >= self.report_every_samples:

@@ -164,9 +164,27 @@ def test_controller_starts_counts_dedups_and_promotes() -> None:
     assert [e.decision for e in out] == ["promote"]
     assert out[0].stable_version == 1 and out[0].candidate_version is None
     assert out[0].arms["rollout.decided_version"] == 1.0 and out[0].arms["candidate.n"] == 401
-    assert ctl.tick(2001) == []  # awaiting its decision on the topic
-    ctl.adopt(out[0])
+    assert ctl.rollouts["m"].candidate_version is None  # the decision holds at once ...
+    assert ctl.tick(2001) == []
+    assert not ctl.adopt(out[0])  # ... and its read-back from the topic changes nothing
     assert ctl.rollouts["m"].candidate_version is None and ctl.tick(2002) == []
+
+
+def test_version_published_between_a_rollback_and_its_read_back_starts_fresh() -> None:
+    """The race CI caught: v2 arrived after the rollback of v1 was sent but before it was
+    read back, queued behind v1, and revived it."""
+    ctl = RolloutController(POLICY, report_every_samples=10_000)
+    start(ctl, 1, 0, t=1000)
+    for i in range(400):
+        ctl.on_sample(sample(f"s{i}", 0, 1.0 if i % 5 else -1.0))
+        ctl.on_sample(sample(f"c{i}", 1, 1.0 if i % 2 else -1.0))
+    (rollback,) = ctl.tick(2000)
+    assert rollback.decision == "rollback"
+    (started,) = ctl.on_model_update(update(2, 1), 2001)  # before the rollback is read back
+    assert (started.stable_version, started.candidate_version) == (0, 2), started.reason
+    ctl.adopt(rollback)  # the read-backs arrive late, in order: nothing regresses
+    ctl.adopt(started)
+    assert (ctl.rollouts["m"].stable_version, ctl.rollouts["m"].candidate_version) == (0, 2)
 
 
 def test_controller_queues_one_pending_version_and_starts_it_after_rollback() -> None:
