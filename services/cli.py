@@ -46,18 +46,16 @@ def _status(args: argparse.Namespace) -> int:
 
 def _topics(args: argparse.Namespace) -> int:
     from services.config import RlfeedSettings
-    from services.kafka.embedded import read_state
+    from services.kafka.embedded import find_bootstrap
     from services.kafka.topics import list_topics
-    from services.kafka.url import bootstrap_servers
 
     settings = RlfeedSettings()
-    broker = read_state(settings.home_dir.resolve())
-    url = settings.kafka_url or (broker.url if broker else None)
-    if url is None:
+    bootstrap = find_bootstrap(settings.kafka_url, settings.home_dir)
+    if bootstrap is None:
         print("no broker: run `rlfeed up` or set RLFEED_KAFKA_URL", file=sys.stderr)
         return 1
     print(f"{'topic':<40} {'partitions':>10}  {'key':<16} policy")
-    for t in list_topics(bootstrap_servers(url), settings.topic_prefix):
+    for t in list_topics(bootstrap, settings.topic_prefix):
         if t.name.startswith("__"):
             continue
         reg = t.registry
@@ -85,24 +83,22 @@ def _sink(args: argparse.Namespace) -> int:
 
     from services.clickhouse import migrations
     from services.clickhouse.client import connect
-    from services.kafka.embedded import read_state
-    from services.kafka.url import bootstrap_servers
+    from services.kafka.embedded import find_bootstrap
     from services.logs import setup
     from services.sink.settings import SinkSettings
     from services.sink.worker import Sink
 
     settings = SinkSettings()
     setup(settings.log_level)
-    broker = read_state(settings.home_dir.resolve())
-    url = settings.kafka_url or (broker.url if broker else None)
-    if url is None or settings.clickhouse_url is None:
+    bootstrap = find_bootstrap(settings.kafka_url, settings.home_dir)
+    if bootstrap is None or settings.clickhouse_url is None:
         print(
             "`rlfeed sink` needs RLFEED_KAFKA_URL and RLFEED_CLICKHOUSE_URL (`rlfeed up` runs its own)", file=sys.stderr
         )
         return 1
     client = connect(settings.clickhouse_url)
     migrations.apply(client)
-    sink = Sink(settings, bootstrap_servers(url), client)
+    sink = Sink(settings, bootstrap, client)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

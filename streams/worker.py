@@ -10,19 +10,15 @@ import sys
 
 def resolve_bootstrap(settings: object) -> str:
     """The broker's `host:port` list: `kafka_url`, else the running embedded broker."""
-    from services.kafka.embedded import read_state
-    from services.kafka.url import bootstrap_servers
+    from services.kafka.embedded import find_bootstrap
 
-    url = settings.kafka_url  # type: ignore[attr-defined]
-    if url:
-        return bootstrap_servers(url)
-    broker = read_state(settings.home_dir)  # type: ignore[attr-defined]
-    if broker is None:
+    bootstrap = find_bootstrap(settings.kafka_url, settings.home_dir)  # type: ignore[attr-defined]
+    if bootstrap is None:
         raise SystemExit(
             "rlfeed streams: no Kafka broker. Start the embedded stack with `rlfeed up` "
             "or point RLFEED_KAFKA_URL at a running broker (kafka://host:port)."
         )
-    return bootstrap_servers(broker.url)
+    return bootstrap
 
 
 def logging_config(level: str) -> dict:

@@ -25,15 +25,11 @@ class NoBroker(RuntimeError):
 
 def resolve_bootstrap(settings: GatewaySettings) -> str:
     """kafka_url's bootstrap list, else the embedded broker's, else NoBroker."""
-    from services.kafka.url import bootstrap_servers
+    from services.kafka.embedded import find_bootstrap
 
-    if settings.kafka_url:
-        return bootstrap_servers(settings.kafka_url)
-    from services.kafka.embedded import read_state
-
-    broker = read_state(settings.home_dir.resolve())
-    if broker is not None:
-        return bootstrap_servers(broker.url)
+    bootstrap = find_bootstrap(settings.kafka_url, settings.home_dir)
+    if bootstrap is not None:
+        return bootstrap
     raise NoBroker(
         f"no broker: set RLFEED_KAFKA_URL=kafka://host:port or start the embedded stack (`rlfeed up`) "
         f"with home_dir {settings.home_dir.resolve()}"

@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 
 from services.child_process import die_with_parent
-from services.kafka.url import kafka_url
+from services.kafka.url import bootstrap_servers, kafka_url
 
 STATE_FILE = "broker.json"
 """Name of the file (under the stack's home dir) recording the running broker."""
@@ -71,6 +71,15 @@ def read_state(home_dir: Path) -> RunningBroker | None:
     except (FileNotFoundError, ValueError, TypeError):
         return None
     return broker if broker.alive() else None
+
+
+def find_bootstrap(url: str | None, home_dir: Path) -> str | None:
+    """The `host:port` list of the broker a process should use: `url` (RLFEED_KAFKA_URL)
+    if set, else the embedded broker running under `home_dir`, else None."""
+    if url:
+        return bootstrap_servers(url)
+    broker = read_state(home_dir.resolve())
+    return bootstrap_servers(broker.url) if broker is not None else None
 
 
 class EmbeddedBroker:

@@ -10,15 +10,12 @@ from services.rewardmodel.settings import RewardModelSettings
 
 def _bootstrap(settings: RewardModelSettings) -> str:
     """`host:port` of the broker: RLFEED_KAFKA_URL, else the running embedded broker."""
-    from services.kafka.embedded import read_state
-    from services.kafka.url import bootstrap_servers
+    from services.kafka.embedded import find_bootstrap
 
-    if settings.kafka_url:
-        return bootstrap_servers(settings.kafka_url)
-    broker = read_state(settings.home_dir.resolve())
-    if broker is None:
+    bootstrap = find_bootstrap(settings.kafka_url, settings.home_dir)
+    if bootstrap is None:
         raise SystemExit("no Kafka broker: start the embedded stack with `rlfeed up` or set RLFEED_KAFKA_URL")
-    return bootstrap_servers(broker.url)
+    return bootstrap
 
 
 def train() -> int:

@@ -13,17 +13,14 @@ def run(action: str, model: str | None, reason: str = "") -> int:
     Exit status 1 when there is no broker, no rollout for the model, or nothing running."""
     from schemas.topics import ROLLOUTS
     from services.config import RlfeedSettings
-    from services.kafka.embedded import read_state
-    from services.kafka.url import bootstrap_servers
+    from services.kafka.embedded import find_bootstrap
     from services.rollout.control import operator_event, publish, read_latest, status_row
 
     settings = RlfeedSettings()
-    broker = read_state(settings.home_dir.resolve())
-    url = settings.kafka_url or (broker.url if broker else None)
-    if url is None:
+    bootstrap = find_bootstrap(settings.kafka_url, settings.home_dir)
+    if bootstrap is None:
         print("no broker: run `rlfeed up` or set RLFEED_KAFKA_URL", file=sys.stderr)
         return 1
-    bootstrap = bootstrap_servers(url)
     latest = {m: ev for m, (ev, _) in read_latest(bootstrap, ROLLOUTS.full_name(settings.topic_prefix)).items()}
     if action == "status":
         rows = [status_row(ev) for m, ev in sorted(latest.items()) if model is None or m == model]

@@ -21,15 +21,11 @@ log = logging.getLogger(__name__)
 
 def resolve_bootstrap(settings: ServingSettings) -> str | None:
     """The broker to use: kafka_url, else the embedded broker's, else None (no Kafka)."""
-    from services.kafka.url import bootstrap_servers
+    from services.kafka.embedded import find_bootstrap
 
-    if settings.kafka_url:
-        return bootstrap_servers(settings.kafka_url)
-    from services.kafka.embedded import read_state
-
-    broker = read_state(settings.home_dir.resolve())
-    if broker is not None:
-        return bootstrap_servers(broker.url)
+    bootstrap = find_bootstrap(settings.kafka_url, settings.home_dir)
+    if bootstrap is not None:
+        return bootstrap
     log_event(
         log,
         "no_kafka",
