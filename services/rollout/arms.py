@@ -8,9 +8,10 @@ dashboard, the ClickHouse view `rollout_arms` and `rlfeed rollout status` read.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+
+from services.dashboard.stats import wilson_interval
 
 ARMS = ("stable", "candidate")
 WILSON_Z = 1.959963984540054
@@ -42,24 +43,13 @@ class ArmCounts:
         return self.tokens_sum / self.n if self.n else 0.0
 
 
-def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
-    """The Wilson score interval of a binomial rate; (0, 1) with no data."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def encode_arms(arms: Mapping[str, ArmCounts]) -> dict[str, float]:
     """`{arm: counts}` as flat metrics, with each arm's rate and 95% Wilson interval."""
     out: dict[str, float] = {}
     for name, arm in arms.items():
         for key, value in asdict(arm).items():
             out[f"{name}.{key}"] = float(value)
-        low, high = wilson_interval(arm.successes, arm.n)
+        low, high = wilson_interval(arm.successes, arm.n, WILSON_Z)
         out[f"{name}.rate"] = arm.rate
         out[f"{name}.rate_low"] = low
         out[f"{name}.rate_high"] = high

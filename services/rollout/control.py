@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from schemas.codec import InvalidEvent, decode, encode, key_of
 from schemas.events import Event, RolloutDecision, RolloutEvent, SampleEvent
 from schemas.topics import ROLLOUTS
-from services.rollout.arms import ARMS, decode_arm, wilson_interval
+from services.rollout.arms import ARMS, WILSON_Z, decode_arm, wilson_interval
 
 E = TypeVar("E", bound=Event)
 
@@ -148,7 +148,7 @@ def status_row(ev: RolloutEvent) -> dict[str, Any]:
     arms = {}
     for name in ARMS:
         arm = decode_arm(ev.arms, name)
-        low, high = wilson_interval(arm.successes, arm.n)
+        low, high = wilson_interval(arm.successes, arm.n, WILSON_Z)
         arms[name] = {
             "n": arm.n,
             "successes": arm.successes,
