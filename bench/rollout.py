@@ -10,7 +10,13 @@ and must reach the same decision at the same sample (`scalar_agreement`).
 Baseline in the same run: a naive z-test at one-sided 5% (z >= 1.645 promotes, <= -1.645
 rolls back) peeked after every sample, same warm-up and budget.
 
-Run: `.venv/bin/python bench/rollout.py` (< 60 s on one slow core).
+`--demo` measures the policy `rlfeed demo` runs instead (DemoSettings: half the users on
+the candidate, a budget of 200 samples, and `promote_if_not_worse` when it is spent), at
+the demo's accept rates (stable 0.3): there an equal candidate is promoted about half the
+time by design, so the figures to read are the worse settings' promote rates, the better
+one's, and the events to a decision.
+
+Run: `.venv/bin/python bench/rollout.py [--demo]` (< 60 s on one slow core).
 """
 
 from __future__ import annotations
@@ -57,7 +63,10 @@ def simulate(
     hit = promote | rollback
     first = np.where(hit.any(axis=1), hit.argmax(axis=1), n - 1)
     rows = np.arange(sims)
-    decision = np.where(promote[rows, first], PROMOTE, np.where(rollback[rows, first], ROLLBACK, ROLLBACK))
+    at_budget = np.full(sims, ROLLBACK)
+    if policy.at_budget == "promote_if_not_worse":
+        at_budget = np.where(theta[:, n - 1] >= 0, PROMOTE, ROLLBACK)
+    decision = np.where(promote[rows, first], PROMOTE, np.where(rollback[rows, first], ROLLBACK, at_budget))
     return decision, first + 1, (to_cand, success)
 
 
@@ -110,8 +119,23 @@ def main() -> None:
     ap.add_argument("--p-stable", type=float, default=0.5, help="accept rate of the stable version")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--replay", type=int, default=4, help="simulations per setting re-run through the scalar decide")
+    ap.add_argument("--demo", action="store_true", help="the policy `rlfeed demo` runs (default p-stable 0.3)")
     args = ap.parse_args()
     policy = policy_from_settings(StreamsSettings())
+    if args.demo:
+        from services.demo.settings import DemoSettings
+
+        demo = DemoSettings()
+        policy = policy_from_settings(
+            StreamsSettings(
+                rollout_candidate_traffic_frac=demo.demo_rollout_traffic_frac,
+                rollout_min_samples_per_arm=demo.demo_rollout_min_samples_per_arm,
+                rollout_max_samples=demo.demo_rollout_max_samples,
+                rollout_at_budget="promote_if_not_worse",
+            )
+        )
+        if args.p_stable == 0.5:
+            args.p_stable = 0.3
     started = time.perf_counter()
     p = args.p_stable
     settings = [
@@ -126,7 +150,7 @@ def main() -> None:
     }
     false_promotion = max(results[n]["promote_rate"] for n in ("equal", "worse_10pct", "worse_20pct"))
     out = {
-        "bench": "rollout",
+        "bench": "rollout-demo" if args.demo else "rollout",
         "test": "two-proportion mSPRT, normal mixture, evaluated after every sample",
         "policy": {k: getattr(policy, k) for k in policy.__dataclass_fields__},
         "event_budget_samples": policy.max_samples,

@@ -4,29 +4,34 @@ N events of a realistic mix (mostly generations, feedback and samples; a few mod
 updates, replica statuses, rollouts and dead letters) are produced to the broker first.
 Then, in one run:
 
-- `rows_per_s`: the sink (`services.sink.worker.Sink`, one consumer, chdb in this
-  process) from its construction (group join included) until every event is inserted
-  and its offsets are committed.
-- `raw_insert_rows_per_s`: clickhouse-connect inserting the same rows (row lists, one
-  `client.insert` per table and `--batch` rows, as the sink batches) into a fresh
-  database with the same tables: no Kafka, no decoding, no validation.
-- `raw_columnar_rows_per_s`: the same with column-oriented data (what the sink sends).
+- `rows_per_s`: the sink (`services.sink.worker.Sink.run`, as `rlfeed sink` runs it: one
+  consumer, decoding overlapped with inserting, chdb in this process, PII redaction as
+  the environment configures it) from its construction (group join included) until
+  every event is inserted and its offsets are committed.
+- the raw baseline: clickhouse-connect inserting the same rows (already mapped, already
+  redacted: no Kafka, no decoding, no validation) into a fresh database with the same
+  tables, row-oriented and column-oriented, with the sink's batch (`--batch` rows per
+  insert and table) and with one insert per table (the best batching there is).
+  `raw_insert_rows_per_s` is the best of these four; each one is in `raw`.
 - `ratio`: rows_per_s / raw_insert_rows_per_s.
+- `consume_only_msgs_per_s`: a bare confluent-kafka consumer reading the same messages
+  (no decoding, no insert): the Kafka side's own limit in this run.
 
-Usage: `python bench/sink.py [--events 1000000] [--batch 20000] [--profile out.prof]`
-(`RLFEED_KAFKA_URL` picks a running broker; otherwise an embedded noida-db is started in
-a temporary directory, stopped by pid and deleted afterwards).
+Usage: `python bench/sink.py [--events 1000000] [--batch 50000]` (`RLFEED_KAFKA_URL`
+picks a running broker; otherwise an embedded noida-db is started in a temporary
+directory, stopped by pid and deleted afterwards). Profile the sink with py-spy:
+`py-spy record -o sink.svg -- python bench/sink.py --events 200000`.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import os
 import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -204,7 +209,7 @@ def produce_all(bootstrap: str, prefix: str, messages: list[tuple[str, bytes, by
         raise RuntimeError("producer did not deliver every message within 300 s")
 
 
-def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int, profile: str | None) -> tuple[float, dict]:
+def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple[float, dict]:
     """Seconds from Sink() until n messages are committed, and the sink's stats."""
     from services.sink.settings import SinkSettings
     from services.sink.worker import Sink
@@ -212,42 +217,74 @@ def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int, profile:
     settings = SinkSettings(
         topic_prefix=prefix, sink_group_id="bench", sink_batch_max_events=batch, sink_batch_max_wait_s=0.5
     )
-    prof = cProfile.Profile() if profile else None
+    stop = threading.Event()
     start = time.perf_counter()
     sink = Sink(settings, bootstrap, client)
+    runner = threading.Thread(target=sink.run, args=(stop,), name="sink")
+    runner.start()
     deadline = time.monotonic() + 1800
-    if prof:
-        prof.enable()
-    while sink.stats.messages < n and time.monotonic() < deadline:
-        sink.run_once()
-    if prof:
-        prof.disable()
+    while sink.stats.messages < n and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.005)
     elapsed = time.perf_counter() - start
+    stop.set()
+    runner.join()
     stats = sink.stats.as_dict()
     sink.close()
-    if prof and profile:
-        prof.dump_stats(profile)
     if stats["messages"] < n:
         raise RuntimeError(f"sink committed {stats['messages']} of {n} messages within the deadline")
     return elapsed, stats
 
 
-def bench_raw(client, messages: list, batch: int, columnar: bool) -> float:
-    """Seconds clickhouse-connect takes to insert the same rows, `batch` per insert."""
+def bench_raw(client, messages: list, batch: int | None, columnar: bool) -> float:
+    """Seconds clickhouse-connect takes to insert the same rows, `batch` per insert and
+    table (None: all of a table's rows in one insert)."""
     by_table: dict[str, list[tuple]] = {}
     for topic, _, _, row in messages:
         by_table.setdefault(topic, []).append(row)
     start = time.perf_counter()
     for topic, rows in by_table.items():
         spec = SPECS[topic]
-        for i in range(0, len(rows), batch):
-            chunk = rows[i : i + batch]
+        step = batch or len(rows)
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
             if columnar:
                 data = list(zip(*chunk, strict=True))
                 client.insert(spec.table, data, column_names=spec.columns, column_oriented=True)
             else:
                 client.insert(spec.table, chunk, column_names=spec.columns)
     return time.perf_counter() - start
+
+
+def bench_consume(bootstrap: str, prefix: str, n: int, batch: int) -> float:
+    """Seconds a bare confluent-kafka consumer (a new group, the sink's consumer settings,
+    `consume(batch)`, reading each value, no decoding) takes to read the n messages: the
+    Kafka share of the sink's time."""
+    from confluent_kafka import Consumer
+
+    from schemas.topics import PUBLIC_TOPICS
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{prefix}bench-consume",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "receive.message.max.bytes": 2_147_483_647,
+        }
+    )
+    start = time.perf_counter()
+    consumer.subscribe([t.full_name(prefix) for t in PUBLIC_TOPICS])
+    got, deadline = 0, time.monotonic() + 1800
+    while got < n and time.monotonic() < deadline:
+        for msg in consumer.consume(batch, 0.5):
+            if msg.error() is None:
+                msg.value()
+                got += 1
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    if got < n:
+        raise RuntimeError(f"the bare consumer read {got} of {n} messages within the deadline")
+    return elapsed
 
 
 def distinct_rows(client) -> int:
@@ -265,14 +302,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=None, help="sink_batch_max_events (default: the setting's)")
-    parser.add_argument("--profile", default=None, help="write a cProfile of the sink loop to this file")
+    parser.add_argument(
+        "--redaction",
+        choices=("env", "off"),
+        default="env",
+        help="PII redaction in the sink's rows: as RLFEED_REDACT_* say (default: on), or off",
+    )
     args = parser.parse_args()
 
     from services.clickhouse import migrations
     from services.clickhouse.client import connect
+    from services.privacy import redact
     from services.sink.settings import SinkSettings
 
     batch = args.batch or SinkSettings.model_fields["sink_batch_max_events"].default
+    if args.redaction == "off":
+        redact.configure(None)
     work = Path(tempfile.mkdtemp(prefix="rlfeed-bench-sink-"))
     broker = None
     url = os.environ.get("RLFEED_KAFKA_URL")
@@ -291,23 +336,27 @@ def main() -> None:
         produce_all(bootstrap, prefix, messages)
         progress("produced", events=len(messages), seconds=round(time.perf_counter() - t0, 1))
 
+        load_before = os.getloadavg()[0]
         client = connect(f"chdb://{work / 'chdb'}", "bench_sink")
         migrations.apply(client)
-        sink_s, stats = bench_sink(bootstrap, prefix, client, len(messages), batch, args.profile)
+        sink_s, stats = bench_sink(bootstrap, prefix, client, len(messages), batch)
         landed = distinct_rows(client)
         progress("sink", seconds=round(sink_s, 2), distinct_rows=landed)
 
-        raw_client = connect(f"chdb://{work / 'chdb'}", "bench_raw")
-        migrations.apply(raw_client)
-        raw_s = bench_raw(raw_client, messages, batch, columnar=False)
-        progress("raw_rows", seconds=round(raw_s, 2))
-        col_client = connect(f"chdb://{work / 'chdb'}", "bench_raw_col")
-        migrations.apply(col_client)
-        col_s = bench_raw(col_client, messages, batch, columnar=True)
-        progress("raw_columnar", seconds=round(col_s, 2))
-
         n = len(messages)
-        rate, raw_rate = n / sink_s, n / raw_s
+        consume_s = bench_consume(bootstrap, prefix, n, batch)
+        progress("consume_only", seconds=round(consume_s, 2))
+        raw: dict[str, int] = {}
+        for columnar in (False, True):
+            for chunk in (batch, None):
+                name = f"{'columns' if columnar else 'rows'}_{'all' if chunk is None else chunk}_per_insert"
+                raw_client = connect(f"chdb://{work / 'chdb'}", f"bench_raw_{len(raw)}")
+                migrations.apply(raw_client)
+                seconds = bench_raw(raw_client, messages, chunk, columnar)
+                raw[name] = round(n / seconds)
+                progress("raw", variant=name, seconds=round(seconds, 2))
+
+        rate, raw_best = n / sink_s, max(raw.values())
         counts = {t: sum(1 for m in messages if m[0] == t) for t, _ in MIX}
         print(
             orjson.dumps(
@@ -316,17 +365,18 @@ def main() -> None:
                     "mix": counts,
                     "batch_max_events": batch,
                     "rows_per_s": round(rate),
-                    "raw_insert_rows_per_s": round(raw_rate),
-                    "raw_columnar_rows_per_s": round(n / col_s),
-                    "ratio": round(rate / raw_rate, 3),
-                    "ratio_vs_columnar": round(rate * col_s / n, 3),
+                    "raw_insert_rows_per_s": raw_best,
+                    "ratio": round(rate / raw_best, 3),
+                    "raw": raw,
+                    "consume_only_msgs_per_s": round(n / consume_s),
                     "sink_seconds": round(sink_s, 2),
                     "distinct_rows_in_clickhouse": landed,
-                    "sink_stats": {k: stats[k] for k in ("batches", "messages", "rows", "dead_letters")},
+                    "sink_stats": {k: stats[k] for k in ("batches", "messages", "rows", "dead_letters", "slow_path")},
+                    "redaction": redact.current() is not None,
                     "broker": "RLFEED_KAFKA_URL" if url else "embedded noida-db",
                     "clickhouse": "chdb (in process)",
                     "cpus": os.cpu_count(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                    "load_avg_1m": {"before_sink": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
                 }
             ).decode()
         )

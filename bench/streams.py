@@ -9,7 +9,15 @@ terminal and not), measured in one run:
 - `raw_forward_events_per_s`: a raw confluent-kafka loop consuming the same events and
   producing each one unchanged (consume, produce, flush, commit per batch).
 - `faust_table_events_per_s`: the same join written the plain way, a Faust agent over
-  both topics with a Table keyed by generation id, on the first `--faust-events` events.
+  both topics with a Table keyed by generation id, on the first `--faust-events` events
+  (`--faust-events 0` skips it).
+- `join_cpu_s`, `raw_cpu_s`: this process's CPU seconds in each of the first two phases
+  (the broker runs in another process); on a shared machine they are steadier than the
+  wall-clock rates.
+
+The events are encoded once and the pydantic objects dropped before anything is
+measured, and the garbage collector is tuned as in the worker process
+(`streams.hot_path.tune_gc`), so that the join runs with the heap a worker has.
 
 Usage: `python bench/streams.py [--events 100000] [--faust-events 6000]`
 (`RLFEED_KAFKA_URL` picks a running broker; otherwise an embedded one is started).
@@ -40,6 +48,7 @@ from schemas.topics import FEEDBACK, GENERATIONS, JOIN_PARTITIONS, SAMPLES
 from services.kafka.producers import producer_config
 from services.kafka.topics import ensure_topics
 from services.kafka.url import bootstrap_servers
+from streams.hot_path import tune_gc
 
 WORDS = [
     "the",
@@ -112,13 +121,18 @@ def make_events(n: int, seed: int = 7) -> list[GenerationEvent | FeedbackEvent]:
     return out[:n]
 
 
-def produce_all(bootstrap: str, prefix: str, events: list) -> None:
+def encode_all(events: list[GenerationEvent | FeedbackEvent]) -> list[tuple[bool, bytes, bytes]]:
+    """(is_generation, key, value) of every event."""
+    return [(isinstance(e, GenerationEvent), e.generation_id.encode(), encode(e)) for e in events]
+
+
+def produce_all(bootstrap: str, prefix: str, events: list[tuple[bool, bytes, bytes]]) -> None:
     producer = Producer({**producer_config(bootstrap), "linger.ms": 20, "batch.size": 1_000_000})
-    for e in events:
-        topic = GENERATIONS if isinstance(e, GenerationEvent) else FEEDBACK
+    for is_gen, key, value in events:
+        topic = GENERATIONS if is_gen else FEEDBACK
         while True:
             try:
-                producer.produce(topic.full_name(prefix), encode(e), e.generation_id.encode())
+                producer.produce(topic.full_name(prefix), value, key)
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -134,19 +148,21 @@ def bench_join(bootstrap: str, prefix: str, n: int) -> tuple[float, dict]:
         kafka_url=bootstrap, topic_prefix=prefix, group_id=f"bench-join-{uuid.uuid4().hex[:6]}", batch_max_messages=5000
     )
     hot = HotPath(settings, bootstrap)
-    start = None
+    start = cpu_start = None
     deadline = time.monotonic() + 600
     while hot.stats["consumed"] < n and time.monotonic() < deadline:
         got = hot.run_once()
         if got and start is None:
-            start = time.perf_counter() - 0.0
+            start, cpu_start = time.perf_counter(), time.process_time()
     elapsed = time.perf_counter() - (start or time.perf_counter())
     stats = dict(hot.stats)
+    stats["cpu_s"] = time.process_time() - (cpu_start or time.process_time())
     hot.close()
     return elapsed, stats
 
 
-def bench_raw(bootstrap: str, prefix: str, n: int, out_topic: str) -> float:
+def bench_raw(bootstrap: str, prefix: str, n: int, out_topic: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of the raw forward."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -173,7 +189,7 @@ def bench_raw(bootstrap: str, prefix: str, n: int, out_topic: str) -> float:
         if not msgs:
             continue
         if start is None:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         offsets = {}
         for m in msgs:
             if m.error():
@@ -184,8 +200,9 @@ def bench_raw(bootstrap: str, prefix: str, n: int, out_topic: str) -> float:
         consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()], asynchronous=False)
         count += len(msgs)
     elapsed = time.perf_counter() - (start or time.perf_counter())
+    cpu = time.process_time() - cpu_start if start is not None else 0.0
     consumer.close()
-    return elapsed
+    return elapsed, cpu
 
 
 FAUST_WORKER = r"""
@@ -271,41 +288,47 @@ def main() -> None:
         broker = EmbeddedBroker(Path(tempfile.mkdtemp(prefix="rlfeed-bench-"))).start()
         bootstrap = broker.bootstrap
     try:
-        events = make_events(args.events)
+        encoded = encode_all(make_events(args.events))  # the pydantic objects go here
+        n_gen = sum(is_gen for is_gen, _, _ in encoded)
         prefix = f"bench{uuid.uuid4().hex[:6]}."
         faust_prefix = f"benchf{uuid.uuid4().hex[:6]}."
         raw_prefix = f"benchr{uuid.uuid4().hex[:6]}."
         ensure_topics(bootstrap, raw_prefix)
         ensure_topics(bootstrap, prefix)
         ensure_topics(bootstrap, faust_prefix)
-        produce_all(bootstrap, prefix, events)
-        produce_all(bootstrap, faust_prefix, events[: args.faust_events])
-        n_gen = sum(isinstance(e, GenerationEvent) for e in events)
+        produce_all(bootstrap, prefix, encoded)
+        if args.faust_events:
+            produce_all(bootstrap, faust_prefix, encoded[: args.faust_events])
+        n_events = len(encoded)
+        del encoded
 
-        progress("produced", events=len(events))
-        join_s, stats = bench_join(bootstrap, prefix, len(events))
-        progress("join", seconds=round(join_s, 2))
-        raw_s = bench_raw(bootstrap, prefix, len(events), SAMPLES.full_name(raw_prefix))
-        progress("raw", seconds=round(raw_s, 2))
-        faust_s = bench_faust(bootstrap, faust_prefix, args.faust_events)
-        progress("faust", seconds=round(faust_s, 2))
+        progress("produced", events=n_events)
+        tune_gc()
+        join_s, stats = bench_join(bootstrap, prefix, n_events)
+        progress("join", seconds=round(join_s, 2), cpu_s=round(stats["cpu_s"], 2))
+        raw_s, raw_cpu_s = bench_raw(bootstrap, prefix, n_events, SAMPLES.full_name(raw_prefix))
+        progress("raw", seconds=round(raw_s, 2), cpu_s=round(raw_cpu_s, 2))
+        faust_s = bench_faust(bootstrap, faust_prefix, args.faust_events) if args.faust_events else None
+        progress("faust", seconds=None if faust_s is None else round(faust_s, 2))
 
-        join_rate = len(events) / join_s
-        raw_rate = len(events) / raw_s
-        faust_rate = args.faust_events / faust_s
+        join_rate = n_events / join_s
+        raw_rate = n_events / raw_s
+        faust_rate = args.faust_events / faust_s if faust_s else None
         print(
             orjson.dumps(
                 {
-                    "events": len(events),
+                    "events": n_events,
                     "generations": n_gen,
-                    "feedback": len(events) - n_gen,
+                    "feedback": n_events - n_gen,
                     "partitions": JOIN_PARTITIONS,
                     "events_per_s": round(join_rate),
                     "raw_forward_events_per_s": round(raw_rate),
                     "ratio": round(join_rate / raw_rate, 3),
                     "faust_table_events": args.faust_events,
-                    "faust_table_events_per_s": round(faust_rate),
-                    "speedup_vs_faust": round(join_rate / faust_rate, 1),
+                    "faust_table_events_per_s": None if faust_rate is None else round(faust_rate),
+                    "speedup_vs_faust": None if faust_rate is None else round(join_rate / faust_rate, 1),
+                    "join_cpu_s": round(stats["cpu_s"], 2),
+                    "raw_cpu_s": round(raw_cpu_s, 2),
                     "join_stats": {k: stats.get(k, 0) for k in ("samples", "dead_letters", "duplicates", "produced")},
                     "samples_topic": SAMPLES.name,
                     "broker": "RLFEED_KAFKA_URL" if url else "embedded noida-db",

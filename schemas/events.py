@@ -11,6 +11,7 @@ A change that would break an existing consumer gets a new `.vN` topic and a new
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from enum import StrEnum
@@ -255,6 +256,24 @@ class ReplicaState(StrEnum):
     STOPPED = "stopped"
 
 
+class VersionTraffic(BaseModel):
+    """What one replica ran on one policy version since it started (cumulative counters)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Annotated[int, Field(ge=0)]
+    requests: Annotated[int, Field(ge=0)] = 0
+    """Requests the engine ran on this version."""
+    failures: Annotated[int, Field(ge=0)] = 0
+    """Of those, the ones that failed in the engine (the client got an error)."""
+    latency_ms_buckets: Annotated[
+        dict[Annotated[str, Field(max_length=32)], Annotated[int, Field(ge=0)]], Field(max_length=128)
+    ] = Field(default_factory=dict)
+    """Answered requests by latency (request to last token), keyed by the bucket's upper
+    bound in ms (`inf` for the last); buckets with no request are left out
+    (services/rollout/latency.py)."""
+
+
 class ReplicaStatusEvent(Event):
     """What a serving replica is doing and which version it serves."""
 
@@ -266,6 +285,11 @@ class ReplicaStatusEvent(Event):
     url: Annotated[str, Field(max_length=2048)] | None = None
     error: Text | None = None
     requests_total: Annotated[int, Field(ge=0)] = 0
+    started_ms: TimeMs | None = None
+    """When this replica process started: its counters (`traffic`) count from then."""
+    traffic: Annotated[list[VersionTraffic], Field(max_length=16)] = Field(default_factory=list)
+    """Per recent policy version: requests, failures and latencies since `started_ms`
+    (cumulative; the canary rollout's error-rate and latency guardrails read them)."""
 
 
 class DeadLetterEvent(Event):
@@ -350,3 +374,32 @@ class PreferenceEvent(Event):
         elif self.chosen is None or self.rejected is None:
             raise ValueError(f"chosen: a {self.kind} preference needs both chosen and rejected")
         return self
+
+
+def forget_event_id(tenant_id: str, user_id: str) -> str:
+    """The deterministic event id (and Kafka key) of a forget request: one per (tenant, user)."""
+    return hashlib.sha256(f"{tenant_id}\x1f{user_id}".encode()).hexdigest()[:32]
+
+
+class ForgetEvent(Event):
+    """An operator's request that a user's data be deleted and never trained on again
+    (`rlfeed forget USER_ID`). Compacted by `event_id`, which is derived from tenant and
+    user, so the topic keeps one record per forgotten user; the stream worker drops the
+    samples of every (tenant_id, user_id) on it."""
+
+    user_id: Id
+    """The pseudonymous user id to forget, within `tenant_id`."""
+    requested_by: Annotated[str, Field(max_length=256)] = ""
+    """Who asked (an operator name or a ticket reference); free text, for the audit trail."""
+
+    @model_validator(mode="after")
+    def _id_is_derived(self) -> ForgetEvent:
+        expected = forget_event_id(self.tenant_id, self.user_id)
+        if self.event_id != expected:
+            raise ValueError(f"event_id: must be forget_event_id(tenant_id, user_id) = {expected}")
+        return self
+
+    @classmethod
+    def for_user(cls, tenant_id: str, user_id: str, **fields: object) -> ForgetEvent:
+        """The forget request of one user (its event id derived)."""
+        return cls(event_id=forget_event_id(tenant_id, user_id), tenant_id=tenant_id, user_id=user_id, **fields)

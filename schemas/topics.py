@@ -12,6 +12,7 @@ from schemas.events import (
     DeadLetterEvent,
     Event,
     FeedbackEvent,
+    ForgetEvent,
     GenerationEvent,
     ModelUpdateEvent,
     PreferenceEvent,
@@ -66,6 +67,9 @@ DLQ = Topic("dlq.v1", DeadLetterEvent, "key_b64", 1, retention_ms=30 * DAY_MS)
 ROLLOUTS = Topic("rollouts.v1", RolloutEvent, "model", 1, compacted=True, retention_ms=None)
 # Mined by streams at settle time, keyed like samples; kept a month for reward-model retraining.
 PREFERENCES = Topic("preferences.v1", PreferenceEvent, "generation_id", JOIN_PARTITIONS, retention_ms=30 * DAY_MS)
+# `rlfeed forget`: one record per forgotten (tenant, user), kept forever; the stream worker
+# reads it whole and drops those users' samples (streams/forget.py).
+FORGET_REQUESTS = Topic("forget-requests.v1", ForgetEvent, "event_id", 1, compacted=True, retention_ms=None)
 # Internal: the streams join's state (streams/changelog.py), one partition per join partition.
 # Its values are join state, not events.
 JOIN_CHANGELOG = Topic(
@@ -87,6 +91,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     DLQ,
     ROLLOUTS,
     PREFERENCES,
+    FORGET_REQUESTS,
     JOIN_CHANGELOG,
 )
 PUBLIC_TOPICS: tuple[Topic, ...] = tuple(t for t in ALL_TOPICS if not t.internal)

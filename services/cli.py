@@ -178,6 +178,13 @@ def parser() -> argparse.ArgumentParser:
     rollout.add_argument("--model", help="the policy model (default: the only one with a rollout)")
     rollout.add_argument("--reason", default="", help="why (kept in the event's reason)")
     rollout.set_defaults(fn=lambda a: _delegate("services.rollout.operator", "run", a.action, a.model, a.reason))
+    forget = sub.add_parser("forget", help="delete a user's rows from ClickHouse and never train on them again")
+    forget.add_argument("user_id")
+    forget.add_argument("--tenant", default="default", help="the tenant the user belongs to")
+    forget.add_argument("--requested-by", default="", help="who asked (kept in the forget request)")
+    forget.set_defaults(
+        fn=lambda a: _delegate("services.privacy.command", "forget_cli", a.user_id, a.tenant, a.requested_by)
+    )
     return p
 
 

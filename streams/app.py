@@ -7,7 +7,8 @@ join's counters. `GET /streams/status` returns the same as JSON.
 
 With `rollout_enabled`, the canary decision (streams/rollout.py) runs here too, on
 low-rate inputs only: model updates start or queue rollouts, samples.v1 and dlq.v1 feed
-the arms, a timer decides, and every decision goes to rollouts.v1, from which the
+the arms' reward and dead letters, replica-status.v1 their requests, failures and
+latencies (the replicas' per-version counters), a timer decides, and every decision goes to rollouts.v1, from which the
 controller adopts the split again (its own events and operators' alike). On start it
 rebuilds its state before it handles anything: each model's last rollouts.v1 event, then
 the samples since the running rollout started (re-read by time; generation ids already
@@ -25,8 +26,15 @@ import faust
 import orjson
 
 from schemas.codec import InvalidEvent, decode, encode
-from schemas.events import DeadLetterEvent, ModelUpdateEvent, RolloutEvent, SampleEvent, now_ms
-from schemas.topics import DLQ, GENERATIONS, MODEL_UPDATES, ROLLOUTS, SAMPLES
+from schemas.events import (
+    DeadLetterEvent,
+    ModelUpdateEvent,
+    ReplicaStatusEvent,
+    RolloutEvent,
+    SampleEvent,
+    now_ms,
+)
+from schemas.topics import DLQ, GENERATIONS, MODEL_UPDATES, REPLICA_STATUS, ROLLOUTS, SAMPLES
 from services import logs
 from services.kafka.idle import pause_aiokafka_empty_fetches
 from services.kafka.security import faust_credentials
@@ -126,6 +134,7 @@ def create_app(settings: StreamsSettings, bootstrap: str) -> StreamsApp:
                 decision=str(ev.decision),
                 stable=ev.stable_version,
                 candidate=ev.candidate_version,
+                decided=int(ev.arms.get("rollout.decided_version", -1)),
                 reason=ev.reason[:300],
                 stable_n=int(ev.arms.get("stable.n", 0)),
                 candidate_n=int(ev.arms.get("candidate.n", 0)),
@@ -167,6 +176,7 @@ def _install_rollouts(
     app.rollout = controller
     samples = app.topic(SAMPLES.full_name(prefix), value_serializer="raw", key_serializer="raw")
     dead_letters = app.topic(DLQ.full_name(prefix), value_serializer="raw", key_serializer="raw")
+    replica_status = app.topic(REPLICA_STATUS.full_name(prefix), value_serializer="raw", key_serializer="raw")
 
     @app.task
     async def rollout_catch_up() -> None:
@@ -203,6 +213,16 @@ def _install_rollouts(
             if found is not None:
                 await ready.wait()
                 controller.on_dead_letter(*found)
+
+    @app.agent(replica_status)
+    async def count_replica_traffic(stream: Any) -> None:
+        async for raw in stream:
+            try:
+                status = decode(ReplicaStatusEvent, raw)
+            except InvalidEvent:
+                continue  # the sink dead-letters bad status events; here they are no signal
+            await ready.wait()
+            controller.on_replica_status(status)
 
     @app.timer(interval=settings.rollout_decide_interval_s)
     async def decide_rollouts() -> None:

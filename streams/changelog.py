@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from schemas.events import FeedbackEvent, GenerationEvent
+from schemas.fast import decode_feedback, decode_generation
 from schemas.topics import JOIN_CHANGELOG
 from services.kafka.security import librdkafka_config
 from streams.join import META_KEY, Entry, JoinConfig, PartitionState
@@ -52,10 +52,11 @@ def decode_entry(value: bytes) -> Entry:
     obj = orjson.loads(value)
     e = Entry(obj["c"])
     if obj["g"] is not None:
-        e.gen = GenerationEvent.model_validate(obj["g"])
         e.gen_raw = orjson.dumps(obj["g"])
+        e.gen = decode_generation(e.gen_raw)
     for f in obj["f"]:
-        e.add_feedback(FeedbackEvent.model_validate(f), orjson.dumps(f))
+        raw = orjson.dumps(f)
+        e.add_feedback(decode_feedback(raw), raw)
     e.first_fb_ms = obj["ff"]
     e.settled_ms = obj["sm"]
     e.sample_id = obj["sid"]

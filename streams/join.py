@@ -51,8 +51,17 @@ from typing import Protocol
 
 import orjson
 
-from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode
-from schemas.events import FeedbackEvent, FeedbackKind, GenerationEvent, SettleReason
+from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, encode
+from schemas.events import FeedbackKind, SettleReason
+from schemas.fast import (
+    FAST_ERRORS,
+    FEEDBACK_DECODER,
+    GENERATION_DECODER,
+    Feedback,
+    Generation,
+    decode_feedback,
+    decode_generation,
+)
 from services.preferences.mining import Outcome
 from streams.rewards import RewardInput, RewardParams, components, composite
 
@@ -64,6 +73,13 @@ FB = 1
 REJECTED_BY = "streams"
 
 EXPLICIT_KINDS = frozenset({FeedbackKind.THUMB, FeedbackKind.RATING, FeedbackKind.EDIT})
+_TERMINAL, _WINDOW, _TTL, _CORRECTION = (
+    SettleReason.TERMINAL.value,
+    SettleReason.WINDOW.value,
+    SettleReason.TTL.value,
+    SettleReason.CORRECTION.value,
+)
+"""Settle reasons as plain strings: an enum member costs a lookup per use on the hot path."""
 """Feedback that states a verdict; without it a generation has only implicit feedback."""
 
 
@@ -131,9 +147,9 @@ class Entry:
     __slots__ = ("created_ms", "fb_ids", "fb_raw", "fbs", "first_fb_ms", "gen", "gen_raw", "sample_id", "settled_ms")
 
     def __init__(self, created_ms: int) -> None:
-        self.gen: GenerationEvent | None = None
+        self.gen: Generation | None = None
         self.gen_raw: bytes | None = None
-        self.fbs: list[FeedbackEvent] = []
+        self.fbs: list[Feedback] = []
         self.fb_raw: list[bytes] = []
         self.fb_ids: set[str] = set()
         self.first_fb_ms: int | None = None
@@ -143,7 +159,7 @@ class Entry:
         self.sample_id: str | None = None
         """The last sample emitted for it; None when none was (pending, dropped, capped)."""
 
-    def add_feedback(self, fb: FeedbackEvent, raw: bytes) -> None:
+    def add_feedback(self, fb: Feedback, raw: bytes) -> None:
         self.fbs.append(fb)
         self.fb_raw.append(raw)
         self.fb_ids.add(fb.event_id)
@@ -207,7 +223,7 @@ class BatchOutput:
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
     """(key, value) for dlq.v1."""
     counts: Counter[str] = field(default_factory=Counter)
-    to_score: list[GenerationEvent] = field(default_factory=list)
+    to_score: list[Generation] = field(default_factory=list)
     """New pending generations, for the reward model to score (when `cfg.model_scores` is set)."""
     outcomes: list[tuple[int, Outcome]] = field(default_factory=list)
     """(partition, settled generation) of every sample but corrections (when `cfg.mine_preferences`)."""
@@ -246,7 +262,7 @@ def _settle(st: PartitionState, gid: str, e: Entry, reason: str, at_ms: int, cfg
     st.settled[gid] = e
     st.dirty.add(gid)
     if (
-        reason == SettleReason.TTL
+        reason == _TTL
         and cfg.params.ttl_implicit_reward is None
         and (cfg.model_scores is None or cfg.model_scores.get(gid) is None)
     ):
@@ -302,7 +318,7 @@ def _emit(
         "settle_reason": reason,
         "user_id": gen.user_id,
         "generated_at_ms": gen.event_time_ms,
-        "first_feedback_ms": min((fb.event_time_ms for fb in e.fbs), default=None),
+        "first_feedback_ms": _first_feedback_ms(e),
     }
     if corrects is not None:
         sample["corrects_event_id"] = corrects
@@ -312,6 +328,16 @@ def _emit(
     out.counts["samples"] += 1
     if cfg.mine_preferences and corrects is None:
         out.outcomes.append((st.partition, _outcome(gen, e, at_ms)))
+
+
+def _first_feedback_ms(e: Entry) -> int | None:
+    """The earliest event time of the entry's feedback (None without feedback)."""
+    first = None
+    for fb in e.fbs:
+        t = fb.event_time_ms
+        if first is None or t < first:
+            first = t
+    return first
 
 
 def _model_score(gid: str, e: Entry, cfg: JoinConfig, out: BatchOutput) -> float | None:
@@ -326,7 +352,7 @@ def _model_score(gid: str, e: Entry, cfg: JoinConfig, out: BatchOutput) -> float
     return score
 
 
-def _outcome(gen: GenerationEvent, e: Entry, at_ms: int) -> Outcome:
+def _outcome(gen: Generation, e: Entry, at_ms: int) -> Outcome:
     return Outcome(
         generation_id=gen.generation_id,
         tenant_id=gen.tenant_id,
@@ -341,9 +367,7 @@ def _outcome(gen: GenerationEvent, e: Entry, at_ms: int) -> Outcome:
     )
 
 
-def _on_generation(
-    st: PartitionState, gen: GenerationEvent, raw: bytes, rec: Record, cfg: JoinConfig, out: BatchOutput
-):
+def _on_generation(st: PartitionState, gen: Generation, raw: bytes, rec: Record, cfg: JoinConfig, out: BatchOutput):
     gid = gen.generation_id
     e = st.pending.get(gid) or st.settled.get(gid)
     if e is not None and e.gen is not None:
@@ -362,14 +386,14 @@ def _on_generation(
     st.dirty.add(gid)
     terminal = next((fb for fb in e.fbs if fb.is_terminal), None)
     if terminal is not None:
-        _settle(st, gid, e, SettleReason.TERMINAL, terminal.event_time_ms, cfg, out)
+        _settle(st, gid, e, _TERMINAL, terminal.event_time_ms, cfg, out)
     else:
         st.schedule(gid, e, cfg)
         if cfg.model_scores is not None:
             out.to_score.append(gen)
 
 
-def _on_feedback(st: PartitionState, fb: FeedbackEvent, raw: bytes, rec: Record, cfg: JoinConfig, out: BatchOutput):
+def _on_feedback(st: PartitionState, fb: Feedback, raw: bytes, rec: Record, cfg: JoinConfig, out: BatchOutput):
     gid = fb.generation_id
     e = st.pending.get(gid)
     if e is None and gid in st.settled:
@@ -392,7 +416,7 @@ def _on_feedback(st: PartitionState, fb: FeedbackEvent, raw: bytes, rec: Record,
         if first:
             st.schedule(gid, e, cfg)
     elif fb.is_terminal:
-        _settle(st, gid, e, SettleReason.TERMINAL, fb.event_time_ms, cfg, out)
+        _settle(st, gid, e, _TERMINAL, fb.event_time_ms, cfg, out)
     elif first:
         st.schedule(gid, e, cfg)
 
@@ -401,7 +425,7 @@ def _on_late_feedback(
     st: PartitionState,
     gid: str,
     e: Entry,
-    fb: FeedbackEvent,
+    fb: Feedback,
     raw: bytes,
     rec: Record,
     cfg: JoinConfig,
@@ -424,27 +448,21 @@ def _on_late_feedback(
         st.pending[gid] = e
         out.counts["reopened"] += 1
         if fb.is_terminal:
-            _settle(st, gid, e, SettleReason.TERMINAL, fb.event_time_ms, cfg, out)
+            _settle(st, gid, e, _TERMINAL, fb.event_time_ms, cfg, out)
         else:
             st.schedule(gid, e, cfg)
         return
-    _emit(st, gid, e, SettleReason.CORRECTION, fb.event_time_ms, cfg, out, corrects=e.sample_id)
+    _emit(st, gid, e, _CORRECTION, fb.event_time_ms, cfg, out, corrects=e.sample_id)
 
 
-def _decode(rec: Record, cfg: JoinConfig, out: BatchOutput) -> GenerationEvent | FeedbackEvent | None:
-    """Validate one record, or dead-letter it and return None."""
-    topic = cfg.generations_topic if rec.source == GEN else cfg.feedback_topic
+def _decode(rec: Record, cfg: JoinConfig, out: BatchOutput) -> Generation | Feedback | None:
+    """Validate one record (schemas.fast: the pydantic contract's verdict, fast), or
+    dead-letter it and return None."""
     raw = rec.value
     try:
         if raw is None:
             raise InvalidEvent("empty message value", None, b"")
-        if len(raw) > MAX_MESSAGE_BYTES:
-            raise InvalidEvent(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", None, raw)
-        model = GenerationEvent if rec.source == GEN else FeedbackEvent
-        try:
-            event = model.model_validate_json(raw)
-        except Exception:
-            event = decode(model, raw)  # names the field, or accepts what the fast path missed
+        event = decode_generation(raw) if rec.source == GEN else decode_feedback(raw)
         if rec.key is not None and rec.key != event.generation_id.encode():
             raise InvalidEvent(
                 f"message key {rec.key[:64]!r} is not the generation_id (co-partitioning needs it)",
@@ -452,6 +470,7 @@ def _decode(rec: Record, cfg: JoinConfig, out: BatchOutput) -> GenerationEvent |
                 raw,
             )
     except InvalidEvent as err:
+        topic = cfg.generations_topic if rec.source == GEN else cfg.feedback_topic
         _dead(out, err, topic, rec.key, rec.partition, rec.offset, cfg)
         return None
     return event
@@ -469,11 +488,21 @@ def process_batch(
     """
     out = BatchOutput()
     max_future = wall_ms + cfg.max_clock_skew_ms
+    n_gen = n_fb = 0
+    decode_gen, decode_fb = GENERATION_DECODER.decode, FEEDBACK_DECODER.decode
     for rec in records:
-        out.counts["consumed"] += 1
-        event = _decode(rec, cfg, out)
-        if event is None:
-            continue
+        # the strict fast path inline; anything it refuses gets the contract's verdict in _decode
+        raw, key = rec.value, rec.key
+        event = None
+        if raw is not None and len(raw) <= MAX_MESSAGE_BYTES:
+            try:
+                event = decode_gen(raw) if rec.source == GEN else decode_fb(raw)
+            except FAST_ERRORS:
+                event = None
+        if event is None or (key is not None and key != event.generation_id.encode()):
+            event = _decode(rec, cfg, out)
+            if event is None:
+                continue
         st = states[rec.partition]
         t = event.event_time_ms
         if t > max_future:
@@ -488,11 +517,17 @@ def process_batch(
         if t > st.max_event_ms:
             st.max_event_ms, st.wall_at_max_ms = t, wall_ms
         if rec.source == GEN:
-            out.counts["generations"] += 1
+            n_gen += 1
             _on_generation(st, event, rec.value, rec, cfg, out)  # type: ignore[arg-type]
         else:
-            out.counts["feedback"] += 1
+            n_fb += 1
             _on_feedback(st, event, rec.value, rec, cfg, out)  # type: ignore[arg-type]
+    counts = out.counts
+    counts["consumed"] += len(records)
+    if n_gen:
+        counts["generations"] += n_gen
+    if n_fb:
+        counts["feedback"] += n_fb
     for st in states.values():
         advance(st, wall_ms, cfg, out)
     return out
@@ -538,9 +573,9 @@ def _expire(st: PartitionState, gid: str, e: Entry, at_ms: int, cfg: JoinConfig,
                 out, InvalidEvent(reason, "generation_id", raw), cfg.feedback_topic, gid.encode(), st.partition, -1, cfg
             )
     elif e.fbs:
-        _settle(st, gid, e, SettleReason.WINDOW, at_ms, cfg, out)
+        _settle(st, gid, e, _WINDOW, at_ms, cfg, out)
     else:
-        _settle(st, gid, e, SettleReason.TTL, at_ms, cfg, out)
+        _settle(st, gid, e, _TTL, at_ms, cfg, out)
 
 
 META_KEY = b"\x00meta"

@@ -11,7 +11,7 @@ Every sample keeps the raw components, so the reward can be audited and recomput
 | rating | the latest rating r in 1..5, normalised to (r - 3) / 2 in [-1, 1] |
 | accept | `accept_reward` (+0.75) when the latest accept/reject is an accept |
 | reject | `reject_reward` (-0.25) when the latest accept/reject is a reject |
-| edit_similarity | word-level similarity in [0, 1] between the completion and the latest edit |
+| edit_similarity | 2·LCS / (words of both) of the completion and the latest edit, in [0, 1] |
 | copy | `copy_reward` when the user copied the completion |
 | regenerate | `regenerate_reward` when the user asked for another completion |
 | dwell | longest dwell / `dwell_saturation_s`, capped at 1 |
@@ -23,10 +23,11 @@ Every sample keeps the raw components, so the reward can be audited and recomput
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from rapidfuzz.distance import Indel
 
 from schemas.events import FeedbackKind, SettleReason
 
@@ -69,6 +70,21 @@ class RewardInput:
     model_score: float | None = None
     """The reward model's score of this generation (None: scoring off, not ready, or not asked for)."""
 
+    @property
+    def latest_by_kind(self) -> dict[str, tuple[int, int, FeedbackLike]]:
+        """kind -> (event_time_ms, arrival index, feedback) of the latest feedback of that
+        kind; computed once per input, whatever number of reward functions read it."""
+        cached = self.__dict__.get("_latest_by_kind")  # frozen: cache beside the fields
+        if cached is not None:
+            return cached
+        out: dict[str, tuple[int, int, FeedbackLike]] = {}
+        for i, fb in enumerate(self.feedback):
+            prev = out.get(fb.kind)
+            if prev is None or fb.event_time_ms >= prev[0]:  # a later arrival wins a tie
+                out[fb.kind] = (fb.event_time_ms, i, fb)
+        self.__dict__["_latest_by_kind"] = out
+        return out
+
 
 RewardFn = Callable[[RewardInput], float | None]
 REGISTRY: dict[str, RewardFn] = {}
@@ -84,12 +100,17 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
     return deco
 
 
+def _order(entry: tuple[int, int, FeedbackLike]) -> tuple[int, int]:
+    return entry[0], entry[1]
+
+
 def _latest(inp: RewardInput, kinds: tuple[str, ...]) -> FeedbackLike | None:
-    best, best_key = None, None
-    for i, fb in enumerate(inp.feedback):
-        if fb.kind in kinds and (best_key is None or (fb.event_time_ms, i) >= best_key):
-            best, best_key = fb, (fb.event_time_ms, i)
-    return best
+    """The latest feedback of one of `kinds`: largest (event_time_ms, arrival index)."""
+    by_kind = inp.latest_by_kind
+    found = [by_kind[k] for k in kinds if k in by_kind]
+    if not found:
+        return None
+    return max(found, key=_order)[2] if len(found) > 1 else found[0][2]
 
 
 @register("thumb")
@@ -121,11 +142,19 @@ def reject(inp: RewardInput) -> float | None:
 
 
 def edit_similarity_of(completion: str, edited: str, max_chars: int) -> float:
-    """Word-level similarity in [0, 1] of two texts (difflib ratio; 1 for two empty texts)."""
+    """Word-level similarity in [0, 1] of two texts: 2 * LCS / (len(a) + len(b)) over their
+    whitespace-separated words (LCS: the longest common subsequence of words), the
+    normalised Indel similarity; 1 for two empty texts, 0 when no word is shared.
+
+    Computed by rapidfuzz (C++, bit-parallel LCS). It is the formula of difflib's
+    `SequenceMatcher.ratio` (2 * M / T) with M the true LCS, where difflib's greedy
+    matching blocks can find fewer (e.g. "d a c d" vs "a d": LCS "a d", 2 * 2 / 6 = 2/3
+    here; difflib matches only the first "d", 1/3).
+    """
     a, b = completion[:max_chars].split(), edited[:max_chars].split()
     if not a and not b:
         return 1.0
-    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    return Indel.normalized_similarity(a, b)
 
 
 @register("edit_similarity")
@@ -182,5 +211,7 @@ def components(inp: RewardInput) -> dict[str, float]:
 
 def composite(parts: dict[str, float], weights: dict[str, float], clip: float) -> float:
     """The weighted sum of the components, clipped to [-clip, clip]."""
-    total = sum(weights.get(name, 0.0) * value for name, value in parts.items())
+    total = 0.0
+    for name, value in parts.items():
+        total += weights.get(name, 0.0) * value
     return max(-clip, min(clip, total))

@@ -15,14 +15,24 @@ Under theta = 0 the likelihood ratio is a nonnegative martingale (asymptotically
 Ville's inequality P(it EVER crosses 1/alpha) <= alpha: peeking after every sample does
 not inflate the false-promotion rate (bench/rollout.py measures it). The decision:
 
-1. guardrails first, whatever the reward says: the candidate's mean completion length
-   outside [1/max_length_ratio, max_length_ratio] x stable's, or more than
-   max_dead_letter_frac of its generations dead-lettered -> rollback at once;
+1. guardrails first, whatever the reward says -> rollback at once when
+   - the share of the candidate's requests that failed exceeds stable's by more than
+     max_error_frac (once it has min_errors failures),
+   - the candidate's request latency p95 exceeds max_latency_p95_ratio x stable's p95
+     + latency_p95_slack_ms (once each arm has latency_min_requests answers),
+   - the candidate's mean completion length is outside [1/max_length_ratio,
+     max_length_ratio] x stable's, or
+   - more than max_dead_letter_frac of its generations were dead-lettered;
 2. fewer than min_samples_per_arm on either arm -> collect;
 3. theta_hat > 0 and log LR >= log(1/promote_alpha) -> promote;
 4. theta_hat < 0 and log LR >= log(1/rollback_alpha) -> rollback;
 5. both arms together reached max_samples -> rollback (the candidate did not earn its
-   traffic within the budget; an equal version is not worth the churn);
+   traffic within the budget; an equal version is not worth the churn), or, with
+   at_budget = "promote_if_not_worse", promote when its observed rate is at least
+   stable's (for a loop whose trainer publishes faster than the test can tell small
+   improvements apart, e.g. the demo: a version the trainer's gate passed and that is not
+   worse in the live split then takes over; a worse one is still rolled back. This mode
+   promotes about half of the exactly-equal candidates, by design);
 6. otherwise collect.
 
 The split is declarative and lives on the compacted rollouts.v1 topic: every event names
@@ -32,6 +42,15 @@ promote / rollback: the candidate named in `arms["rollout.decided_version"]` bec
 stable / was dropped). The controller changes its split only when it reads an event back
 from the topic (`adopt`), operators' events included, so it, every replica and the sink
 agree on one order of events.
+
+Requests, failures and latencies come from the replicas, not from samples: a failed
+request produces no generation (so no sample), and most answered ones get no feedback.
+Each replica reports cumulative per-version counters and a latency histogram (bounded:
+services/rollout/latency.py) on replica-status.v1; an arm's figures are the sum over
+replica processes of the counters since the rollout started (`traffic_since`). The
+candidate's counters count from zero (it is served only during its rollout); stable's
+from their value when the controller first saw them during the rollout, so after a
+restart of the worker the stable arm restarts from the next report.
 
 A version published while a rollout runs is queued, not swapped in: one pending slot,
 a newer version replacing an older pending one. Replacing the running candidate would
@@ -44,12 +63,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from schemas.events import ModelUpdateEvent, RolloutDecision, RolloutEvent
+from schemas.events import ModelUpdateEvent, ReplicaStatusEvent, RolloutDecision, RolloutEvent
+from services.rollout import latency
 from services.rollout.arms import ArmCounts, decode_arm, encode_arms
 
 NO_VERSION = -1.0
@@ -71,6 +92,12 @@ class RolloutPolicy:
     guardrail_min_samples: int
     max_dead_letter_frac: float
     min_dead_letters: int
+    max_error_frac: float = 0.05
+    min_errors: int = 3
+    max_latency_p95_ratio: float = 2.0
+    latency_p95_slack_ms: float = 250.0
+    latency_min_requests: int = 20
+    at_budget: str = "rollback"
 
 
 @dataclass(frozen=True)
@@ -105,8 +132,39 @@ def confidence_half_width(var: float, tau: float, alpha: float) -> float:
     return math.sqrt(var * (var + t2) / t2 * (2.0 * math.log(1.0 / alpha) + math.log((var + t2) / var)))
 
 
+def error_guardrail(stable: ArmCounts, candidate: ArmCounts, policy: RolloutPolicy) -> str | None:
+    """Why the candidate's failed requests make it go, or None."""
+    if candidate.failures < policy.min_errors:
+        return None
+    if candidate.error_rate > stable.error_rate + policy.max_error_frac:
+        return (
+            f"guardrail: {candidate.failures} of the candidate's {candidate.requests} requests failed "
+            f"({candidate.error_rate:.1%}; stable {stable.error_rate:.1%} of {stable.requests}, "
+            f"allowed +{policy.max_error_frac:.1%})"
+        )
+    return None
+
+
+def latency_guardrail(stable: ArmCounts, candidate: ArmCounts, policy: RolloutPolicy) -> str | None:
+    """Why the candidate's latency p95 makes it go, or None."""
+    if min(stable.latency_n, candidate.latency_n) < policy.latency_min_requests:
+        return None
+    bound = policy.max_latency_p95_ratio * stable.latency_p95_ms + policy.latency_p95_slack_ms
+    if candidate.latency_p95_ms > bound:
+        return (
+            f"guardrail: latency p95 {candidate.latency_p95_ms:.0f} ms over {candidate.latency_n} requests "
+            f"is above {policy.max_latency_p95_ratio:g}x stable's {stable.latency_p95_ms:.0f} ms "
+            f"+ {policy.latency_p95_slack_ms:g} ms = {bound:.0f} ms"
+        )
+    return None
+
+
 def guardrail(stable: ArmCounts, candidate: ArmCounts, policy: RolloutPolicy) -> str | None:
     """Why the candidate must go at once regardless of reward, or None."""
+    for rule in (error_guardrail, latency_guardrail):
+        breach = rule(stable, candidate, policy)
+        if breach is not None:
+            return breach
     warm = min(candidate.n, stable.n) >= policy.guardrail_min_samples
     if warm and stable.tokens_sum > 0:
         ratio = candidate.mean_tokens / max(stable.mean_tokens, 1e-9)
@@ -152,12 +210,56 @@ def decide(stable: ArmCounts, candidate: ArmCounts, policy: RolloutPolicy) -> Ve
     if theta < 0 and log_lr >= stats["stat.log_rollback_threshold"]:
         return Verdict(RolloutDecision.ROLLBACK, f"candidate worse: {summary}", stats)
     if stable.n + candidate.n >= policy.max_samples:
+        if policy.at_budget == "promote_if_not_worse" and theta >= 0:
+            return Verdict(
+                RolloutDecision.PROMOTE,
+                f"budget of {policy.max_samples} samples spent and the candidate is not worse: {summary}",
+                stats,
+            )
         return Verdict(
             RolloutDecision.ROLLBACK,
             f"budget of {policy.max_samples} samples spent without evidence of improvement: {summary}",
             stats,
         )
     return Verdict(RolloutDecision.COLLECT, f"collecting: {summary}", stats)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Cumulative requests, failures and latency histogram of one version on one replica process."""
+
+    requests: int = 0
+    failures: int = 0
+    latency_ms_buckets: Mapping[str, int] = field(default_factory=dict)
+
+
+ReplicaKey = tuple[str, int]
+"""(replica_id, started_ms): one replica process, whose counters only grow."""
+
+
+def traffic_of(ev: ReplicaStatusEvent) -> dict[int, Traffic]:
+    """A status event's counters per version."""
+    return {t.version: Traffic(t.requests, t.failures, dict(t.latency_ms_buckets)) for t in ev.traffic}
+
+
+def traffic_since(now: Traffic, base: Traffic | None) -> Traffic:
+    """What a replica process counted since `base` (all of `now` without one)."""
+    if base is None:
+        return now
+    return Traffic(
+        max(now.requests - base.requests, 0),
+        max(now.failures - base.failures, 0),
+        latency.subtract(now.latency_ms_buckets, base.latency_ms_buckets),
+    )
+
+
+def arm_traffic(arm: ArmCounts, parts: list[Traffic], q: float = 0.95) -> None:
+    """Set an arm's request figures from its per-replica shares."""
+    hist = latency.merge(p.latency_ms_buckets for p in parts)
+    arm.requests = sum(p.requests for p in parts)
+    arm.failures = sum(p.failures for p in parts)
+    arm.latency_n = latency.total(hist)
+    arm.latency_p95_ms = latency.quantile(hist, q) or 0.0
 
 
 class SampleLike(Protocol):
@@ -187,6 +289,31 @@ class Rollout:
     """Generation ids already counted (a sample re-read after a restart counts once)."""
     reported_n: int = 0
     """Samples counted when the last collect report was sent."""
+    traffic_base: dict[ReplicaKey, dict[int, Traffic]] = field(default_factory=dict)
+    """Per replica process, its counters when this rollout first saw it (see the module doc)."""
+
+    def base_for(self, key: ReplicaKey, counters: dict[int, Traffic]) -> dict[int, Traffic]:
+        """The baseline of a replica process, set on first sight: nothing if it started after
+        the rollout did, else its counters then, the candidate's excepted."""
+        base = self.traffic_base.get(key)
+        if base is None:
+            started_after = key[1] >= self.started_ms
+            base = {} if started_after else {v: t for v, t in counters.items() if v != self.candidate_version}
+            self.traffic_base[key] = base
+        return base
+
+    def update_traffic(self, replicas: Mapping[ReplicaKey, dict[int, Traffic]]) -> None:
+        """Both arms' requests, failures and latency p95 from the replicas' latest counters."""
+        if self.candidate_version is None:
+            return
+        parts: dict[str, list[Traffic]] = {"stable": [], "candidate": []}
+        for key, counters in replicas.items():
+            base = self.base_for(key, counters)
+            for arm, version in (("stable", self.stable_version), ("candidate", self.candidate_version)):
+                if version in counters:
+                    parts[arm].append(traffic_since(counters[version], base.get(version)))
+        for arm, shares in parts.items():
+            arm_traffic(self.arms[arm], shares)
 
     @property
     def key(self) -> tuple[int, int | None, int]:
@@ -341,6 +468,10 @@ def on_model_update(
     ]
 
 
+REPLICA_FORGET_MS = 3_600_000
+"""A replica process silent this long (event time) no longer counts toward any arm."""
+
+
 class RolloutController:
     """Every model's rollout in one worker: adopt topic events, count samples, decide on ticks."""
 
@@ -350,6 +481,9 @@ class RolloutController:
         self.rollouts: dict[str, Rollout] = {}
         self._declared: deque[str] = deque(maxlen=1024)
         """Ids of the events this controller decided (applied at once, skipped on read-back)."""
+        self.replicas: dict[str, dict[ReplicaKey, dict[int, Traffic]]] = {}
+        """Per model, each replica process's latest counters (replica-status.v1)."""
+        self._heard_ms: dict[ReplicaKey, int] = {}
 
     def declare(self, events: list[RolloutEvent]) -> list[RolloutEvent]:
         """Apply this controller's own decisions now, not when they are read back from the
@@ -373,7 +507,25 @@ class RolloutController:
             old.pending_version = new.pending_version
             return False
         self.rollouts[ev.model] = new
+        new.update_traffic(self.replicas.get(ev.model, {}))
         return True
+
+    def on_replica_status(self, ev: ReplicaStatusEvent) -> None:
+        """A replica's cumulative per-version counters (for the error-rate and latency guardrails).
+        Replica processes not heard from for `REPLICA_FORGET_MS` are forgotten."""
+        if ev.started_ms is None:
+            return  # a replica too old to count its traffic
+        key = (ev.replica_id, ev.started_ms)
+        known = self.replicas.setdefault(ev.model, {})
+        known[key] = traffic_of(ev)
+        self._heard_ms[key] = ev.event_time_ms
+        for stale in [k for k, t in self._heard_ms.items() if t < ev.event_time_ms - REPLICA_FORGET_MS]:
+            del self._heard_ms[stale]
+            for reps in self.replicas.values():
+                reps.pop(stale, None)
+        r = self.rollouts.get(ev.model)
+        if r is not None:
+            r.update_traffic(known)
 
     def on_sample(self, sample: SampleLike) -> bool:
         """Count a sample toward its model's running rollout; True if counted."""
@@ -446,4 +598,10 @@ def policy_from_settings(settings: Any) -> RolloutPolicy:
         guardrail_min_samples=settings.rollout_guardrail_min_samples,
         max_dead_letter_frac=settings.rollout_max_dead_letter_frac,
         min_dead_letters=settings.rollout_min_dead_letters,
+        max_error_frac=settings.rollout_max_error_frac,
+        min_errors=settings.rollout_min_errors,
+        max_latency_p95_ratio=settings.rollout_max_latency_p95_ratio,
+        latency_p95_slack_ms=settings.rollout_latency_p95_slack_ms,
+        latency_min_requests=settings.rollout_latency_min_requests,
+        at_budget=settings.rollout_at_budget,
     )

@@ -169,6 +169,11 @@ class StreamsSettings(RlfeedSettings):
     rollout_max_samples: int = Field(10_000, ge=2)
     """Budget: samples on both arms together after which a candidate without evidence of
     improvement is rolled back."""
+    rollout_at_budget: Literal["rollback", "promote_if_not_worse"] = "rollback"
+    """What a spent budget means: `rollback` (the default: a candidate without evidence of
+    improvement goes), or `promote_if_not_worse` (it takes over when its observed success
+    rate is at least stable's; for loops that publish faster than small improvements can
+    be told apart, e.g. the demo)."""
     rollout_success_reward_min: float = 0.0
     """A sample is a success (the accept-like signal) when its reward is above this."""
     rollout_max_length_ratio: float = Field(2.0, gt=1)
@@ -180,6 +185,19 @@ class StreamsSettings(RlfeedSettings):
     """Guardrail: roll back when more than this share of the candidate's generations were dead-lettered."""
     rollout_min_dead_letters: int = Field(5, ge=1)
     """Dead letters of the candidate below which the dead-letter guardrail stays quiet."""
+    rollout_max_error_frac: float = Field(0.05, ge=0, le=1)
+    """Guardrail: roll back when the share of the candidate's requests that failed (as the
+    replicas report on replica-status.v1) exceeds stable's share by more than this."""
+    rollout_min_errors: int = Field(3, ge=1)
+    """Failed requests of the candidate below which the error-rate guardrail stays quiet."""
+    rollout_max_latency_p95_ratio: float = Field(2.0, gt=1)
+    """Guardrail: roll back when the candidate's request latency p95 is above this many times
+    stable's p95 plus `rollout_latency_p95_slack_ms` (both arms run on the same replicas)."""
+    rollout_latency_p95_slack_ms: float = Field(250.0, ge=0)
+    """Absolute slack (ms) added to the latency bound, so that noise on fast requests does not
+    roll a candidate back."""
+    rollout_latency_min_requests: int = Field(20, ge=1)
+    """Answered requests each arm needs before the latency guardrail is checked."""
     rollout_decide_interval_s: float = Field(1.0, gt=0)
     """How often the rollout decision is evaluated (the test stays valid at any cadence)."""
     rollout_report_every_samples: int = Field(200, ge=1)

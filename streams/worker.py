@@ -45,9 +45,11 @@ def main() -> None:
 
     from services.kafka.topics import ensure_topics
     from streams.app import create_app
+    from streams.hot_path import tune_gc
 
     ensure_topics(bootstrap, settings.topic_prefix)
     app = create_app(settings, bootstrap)
+    tune_gc()  # the join's allocation pattern: see streams.hot_path.GC_THRESHOLDS
     worker = faust.Worker(
         app,
         loglevel=settings.log_level,

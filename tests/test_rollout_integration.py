@@ -176,3 +176,113 @@ def test_worse_candidate_rolled_back_better_promoted(
     assert {v for _, _, v in results} == {0, 1, 2}
     decisions = [r["decision"] for r in worker.events("rollout_decision")]
     assert decisions.count("rollback") == 1 and decisions.count("promote") == 1
+
+
+@pytest.mark.timeout(240)
+def test_failing_candidate_rolled_back_by_the_error_guardrail(
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No samples at all: the replicas' per-version failure counts alone roll the candidate back."""
+    from safetensors.torch import load_file
+
+    from services.checkpoints.store import CheckpointStore
+    from services.serving.engines.transformers import TransformersEngine
+    from services.serving.server import ServerThread
+    from services.serving.settings import ServingSettings
+
+    model = "canary-failing"
+    store = CheckpointStore(tmp_path / "checkpoints")
+    v0 = load_file(tiny_model_dir / "model.safetensors")
+    store.publish(model, 0, v0, parent_version=None, full=True)
+    ev1 = store.publish(
+        model, 1, {k: t * 1.1 if "mlp" in k else t for k, t in v0.items()}, parent_version=0, full=False
+    )
+
+    # The fault: every batch on version 1 fails in the engine (the client gets a 500).
+    run_batch = TransformersEngine._run_batch
+
+    def failing(self: TransformersEngine, batch: list) -> None:
+        if batch and batch[0].version == 1:
+            raise RuntimeError("injected fault of candidate 1")
+        run_batch(self, batch)
+
+    monkeypatch.setattr(TransformersEngine, "_run_batch", failing)
+
+    worker = Worker(
+        kafka_bootstrap,
+        topic_prefix,
+        f"g-{uuid.uuid4().hex[:8]}",
+        tmp_path / "worker.log",
+        RLFEED_ROLLOUT_ENABLED="true",
+        RLFEED_ROLLOUT_CANDIDATE_TRAFFIC_FRAC=str(TRAFFIC),
+        RLFEED_ROLLOUT_DECIDE_INTERVAL_S="0.3",
+        RLFEED_ROLLOUT_MIN_ERRORS="3",
+    )
+    base = ServingSettings(
+        kafka_url=f"kafka://{kafka_bootstrap}",
+        topic_prefix=topic_prefix,
+        model_dir=tiny_model_dir,
+        model_name=model,
+        serving_port=0,
+        home_dir=tmp_path / "home",
+        checkpoint_dir=store.root,
+        rollout_enabled=True,
+        max_batch_size=4,
+        batch_wait_ms=2,
+        default_max_tokens=3,
+    )
+    ok: list[tuple[float, str, int]] = []  # (time, user, version)
+    failed: list[tuple[float, str, int]] = []  # (time, user, status)
+    stop = threading.Event()
+    try:
+        with (
+            ServerThread(base.model_copy(update={"replica_id": "failing-a"})) as a,
+            ServerThread(base.model_copy(update={"replica_id": "failing-b"})) as b,
+        ):
+            replicas = [a, b]
+            clients = [openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0) for s in replicas]
+
+            def load(i: int) -> None:
+                for n in itertools.count():
+                    if stop.is_set():
+                        return
+                    user = USERS[(i * 7 + n) % len(USERS)]
+                    try:
+                        r = clients[n % 2].completions.create(model=model, prompt=f"hi {n}", max_tokens=3, user=user)
+                        ok.append((time.monotonic(), user, r.model_extra["policy_version"]))
+                    except openai.APIStatusError as exc:
+                        failed.append((time.monotonic(), user, exc.status_code))
+
+            threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(2)]
+            for t in threads:
+                t.start()
+            worker.wait_log("rollout_ready", timeout_s=60)
+
+            def candidate_everywhere(v: int | None) -> bool:
+                return all(s.replica.engine.candidate_version == v for s in replicas)
+
+            deadline = time.monotonic() + 60
+            while not candidate_everywhere(1):  # the worker's Faust consumer may join late: republish
+                assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+                _publish(kafka_bootstrap, topic_prefix, [ev1])
+                wait_for(lambda: candidate_everywhere(1) or time.monotonic() > deadline, 5, "candidate 1")
+            rollback = worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=60)
+            wait_for(lambda: candidate_everywhere(None), 30, "the rollback to reach both replicas")
+            dropped_at = time.monotonic()
+            wait_for(lambda: sum(t > dropped_at for t, _, _ in ok) >= 6, 30, "requests after the rollback")
+            stop.set()
+            for t in threads:
+                t.join(30)
+            for c in clients:
+                c.close()
+    finally:
+        stop.set()
+        worker.stop()
+    assert "requests failed" in rollback["reason"], rollback
+    assert failed and {status for _, _, status in failed} == {500}
+    split = Split(0, 1, TRAFFIC)
+    assert all(split.wants_candidate(model, u) for _, u, _ in failed)  # only the candidate's users failed
+    assert not [f for f in failed if f[0] > dropped_at]
+    assert {v for t, _, v in ok if t > dropped_at} == {0}
+    decisions = [r["decision"] for r in worker.events("rollout_decision")]
+    assert decisions.count("rollback") == 1 and "promote" not in decisions

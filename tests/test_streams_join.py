@@ -313,3 +313,40 @@ def test_changelog_restores_the_same_state_and_replay_gives_same_ids() -> None:
     replay = fresh()
     ids = [s["event_id"] for batch in batches for s in run(replay, batch)[1]]
     assert ids == [s["event_id"] for s in all_samples]
+
+
+def test_lax_input_joins_through_the_pydantic_verdict_and_restores() -> None:
+    """Input only pydantic's lax mode accepts (a numeric string, an integral float) is
+    joined like any other; its changelog entry restores."""
+    states = fresh()
+    raw_gen = encode(gen()).replace(b'"policy_version":7', b'"policy_version":7.0')
+    raw_fb = orjson.dumps(
+        {
+            "event_id": "f1",
+            "event_time_ms": T0 + 1000,
+            "generation_id": "g1",
+            "kind": "rating",
+            "value": "5",
+            "user_id": "u1",
+        }
+    )
+    out = process_batch(states, [Record(GEN, 0, 0, b"g1", raw_gen), Record(FB, 0, 1, b"g1", raw_fb)], WALL, CFG)
+    assert out.dead_letters == [] and states[0].pending["g1"].fb_ids == {"f1"}
+    restored = restore(0, [(k, v) for _, k, v in out.changelog], CFG, WALL)
+    assert restored.pending["g1"].gen.policy_version == 7 and restored.pending["g1"].fbs[0].value == 5.0
+    _, samples = run(states, [], wall=WALL + 20_000)
+    assert [(s["policy_version"], s["reward_components"]) for s in samples] == [(7, {"rating": 1.0})]
+
+
+def test_fast_and_pydantic_decoded_events_give_the_same_sample() -> None:
+    """The same events, once through the fast path and once as lax-but-equal input that
+    only pydantic accepts, produce byte-identical samples."""
+    events = [gen(), fb("f1", "thumb", value=1), fb("f2", "accept", t=T0 + 2000)]
+    fast_out = process_batch(fresh(), [rec(e, i) for i, e in enumerate(events)], WALL, CFG)
+    lax = [
+        Record(r.source, 0, r.offset, r.key, r.value.replace(b'"schema_version":1', b'"schema_version":1.0'))
+        for r in (rec(e, i) for i, e in enumerate(events))
+    ]
+    slow_out = process_batch(fresh(), lax, WALL, CFG)
+    assert slow_out.dead_letters == [] and len(fast_out.samples) == 1
+    assert slow_out.samples == fast_out.samples

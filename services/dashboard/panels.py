@@ -18,7 +18,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from services.dashboard import queries
-from services.dashboard.queries import BY_NAME
+from services.dashboard.queries import BY_NAME, TENANT_BY_NAME
 
 Row = Sequence[Any]
 
@@ -79,6 +79,13 @@ def accept_panel(rows: Sequence[Row]) -> dict:
     return {"kind": "interval", "x": "version", "points": points}
 
 
+def _guarded(r: Row) -> str:
+    """An arm's guardrail figures (requests, failed share, latency p95) for its note, if any."""
+    if len(r) < 14 or not r[11]:
+        return ""
+    return f"; {int(r[11])} requests, {_num(r[12]) or 0:.1%} failed, p95 {_num(r[13]) or 0:.0f} ms"
+
+
 def rollout_panel(rows: Sequence[Row]) -> dict:
     """The arms of each model's latest rollout event as interval points (x: version)."""
     points = [
@@ -89,7 +96,7 @@ def rollout_panel(rows: Sequence[Row]) -> dict:
             "hi": _num(r[5]),
             "n": int(r[2]),
             "accepts": int(r[1]),
-            "note": f"{r[7]} {r[6]} ({r[8]}; log LR {_num(r[9]) or 0:.2f} / {_num(r[10]) or 0:.2f})",
+            "note": f"{r[7]} {r[6]} ({r[8]}; log LR {_num(r[9]) or 0:.2f} / {_num(r[10]) or 0:.2f})" + _guarded(r),
         }
         for r in rows
     ]
@@ -155,9 +162,14 @@ def trainer_panel(rows: Sequence[Row], kl_max: float) -> dict:
     }
 
 
-def collect(store: Store, window_s: int, lag_bound: int, kl_max: float) -> dict:
-    """Every panel's data for the last `window_s` seconds."""
-    params = {"window_s": int(window_s)}
+def collect(store: Store, window_s: int, lag_bound: int, kl_max: float, tenant: str | None = None) -> dict:
+    """Every panel's data for the last `window_s` seconds; with `tenant`, only that
+    tenant's rows (queries.TENANT_PANELS) and no operator-only panel."""
+    params: dict[str, Any] = {"window_s": int(window_s)}
+    by_name = BY_NAME
+    if tenant is not None:
+        params["tenant"] = tenant
+        by_name = TENANT_BY_NAME
     shapers = {
         "reward_by_version": reward_panel,
         "accept_rate_by_version": accept_panel,
@@ -173,14 +185,16 @@ def collect(store: Store, window_s: int, lag_bound: int, kl_max: float) -> dict:
     }
     panels = {}
     for name, shape in shapers.items():
-        q = BY_NAME[name]
+        q = by_name.get(name)
+        if q is None:
+            continue
         try:
-            data = shape(store.rows(q.for_page(), params if q.time_column else None))
+            data = shape(store.rows(q.for_page(), params if q.time_column or tenant is not None else None))
             data["error"] = None
         except Exception as exc:  # one broken panel must not blank the page
             data = {"kind": "error", "error": str(exc)[:300]}
         panels[name] = {"title": q.title, "unit": q.unit} | data
-    return {"generated_at": time.time(), "window_s": window_s, "panels": panels}
+    return {"generated_at": time.time(), "window_s": window_s, "tenant": tenant, "panels": panels}
 
 
 def recent_alerts(store: Store, limit: int = 50) -> list[dict]:

@@ -62,7 +62,8 @@ WHERE n > 0 ORDER BY policy_version""",
     NamedQuery(
         "rollout_arms",
         "Canary rollout: success rate per arm of the latest rollout (95 % Wilson interval)",
-        """SELECT version, successes, n, rate, rate_low, rate_high, arm, model, decision, log_lr, log_promote_threshold
+        """SELECT version, successes, n, rate, rate_low, rate_high, arm, model, decision, log_lr, log_promote_threshold,
+    requests, error_rate, latency_p95_ms
 FROM rollout_arms
 WHERE (model, event_time) IN (SELECT model, max(event_time) FROM rollout_arms GROUP BY model)
 ORDER BY model, version""",
@@ -188,3 +189,102 @@ FROM replica_latest GROUP BY model, replica_id ORDER BY model, replica_id"""
 RECENT_ALERTS = """SELECT toUnixTimestamp64Milli(ts) / 1000 AS ts, rule, key, status, severity, message, value,
     threshold
 FROM alerts ORDER BY ts DESC LIMIT {limit:UInt32}"""
+
+# Tenant views: the page as one tenant's API key sees it (server.py). The rollups above
+# carry no tenant_id, so these read the raw tables (FINAL: exact counts) filtered by
+# `tenant_id = {tenant:String}`, with the same output columns as the panel they replace.
+# Panels about shared infrastructure (replicas, consumer lag, trainer gate, rollouts)
+# hold no tenant's data and are shown to operators only.
+_TENANT = "tenant_id = {tenant:String}"
+
+TENANT_PANELS: tuple[NamedQuery, ...] = (
+    NamedQuery(
+        "reward_by_version",
+        "Mean reward by policy version",
+        f"""SELECT toStartOfMinute(event_time) AS minute, concat('v', toString(policy_version)) AS version,
+    avg(reward) AS reward_mean, count() AS n_samples
+FROM samples FINAL WHERE {_TENANT} AND {{time_filter}}
+GROUP BY minute, policy_version ORDER BY minute, policy_version""",
+        "event_time",
+        "reward",
+    ),
+    NamedQuery(
+        "accept_rate_by_version",
+        "Accept rate by version (95 % Wilson interval)",
+        f"""SELECT policy_version, a, n, a / n AS accept_rate,
+    (a / n + {_Z2} / (2 * n) - 1.96 * sqrt(a / n * (1 - a / n) / n + {_Z2} / (4 * n * n))) / (1 + {_Z2} / n) AS lo,
+    (a / n + {_Z2} / (2 * n) + 1.96 * sqrt(a / n * (1 - a / n) / n + {_Z2} / (4 * n * n))) / (1 + {_Z2} / n) AS hi
+FROM (SELECT policy_version, toFloat64(countIf(mapContains(reward_components, 'accept'))) AS a,
+             toFloat64(countIf(mapContains(reward_components, 'accept')
+                               OR mapContains(reward_components, 'reject'))) AS n
+      FROM samples FINAL WHERE {_TENANT} AND {{time_filter}} GROUP BY policy_version)
+WHERE n > 0 ORDER BY policy_version""",
+        "event_time",
+        "accept rate",
+    ),
+    NamedQuery(
+        "feedback_mix",
+        "Feedback events per minute by kind",
+        f"""SELECT toStartOfMinute(event_time) AS minute, kind, count() AS events
+FROM feedback FINAL WHERE {_TENANT} AND {{time_filter}}
+GROUP BY minute, kind ORDER BY minute, kind""",
+        "event_time",
+        "events/min",
+    ),
+    NamedQuery(
+        "throughput",
+        "Samples and generations per second",
+        f"""SELECT minute, sum(samples) / 60 AS samples_per_s, sum(generations) / 60 AS generations_per_s
+FROM (SELECT toStartOfMinute(event_time) AS minute, toUInt64(1) AS samples, toUInt64(0) AS generations
+      FROM samples FINAL WHERE {_TENANT} AND {{time_filter}}
+      UNION ALL
+      SELECT toStartOfMinute(event_time) AS minute, toUInt64(0) AS samples, toUInt64(1) AS generations
+      FROM generations FINAL WHERE {_TENANT} AND {{time_filter}})
+GROUP BY minute ORDER BY minute""",
+        "event_time",
+        "events/s",
+    ),
+    NamedQuery(
+        "latency",
+        "Generation latency p50 / p95 / p99 (ms)",
+        f"""SELECT minute, q[1] AS p50, q[2] AS p95, q[3] AS p99, requests
+FROM (SELECT toStartOfMinute(event_time) AS minute, quantiles(0.5, 0.95, 0.99)(assumeNotNull(latency_ms)) AS q,
+             count() AS requests
+      FROM generations FINAL WHERE {_TENANT} AND latency_ms IS NOT NULL AND {{time_filter}} GROUP BY minute)
+ORDER BY minute""",
+        "event_time",
+        "ms",
+    ),
+    NamedQuery(
+        "dead_letters",
+        "Dead letters per minute by reason",
+        f"""SELECT toStartOfMinute(event_time) AS minute,
+    concat(source_topic, ': ',
+           leftUTF8(if(ifNull(error_field, '') != '', assumeNotNull(error_field), splitByChar('\\n', reason)[1]), 80))
+        AS reason,
+    count() AS letters
+FROM dead_letters FINAL WHERE {_TENANT} AND {{time_filter}}
+GROUP BY minute, reason ORDER BY minute, reason""",
+        "event_time",
+        "letters/min",
+    ),
+    NamedQuery(
+        "completion_by_version",
+        "Completion length and distinctness by version",
+        f"""SELECT policy_version, n, tok_sum / n AS mean_tokens, q[1] AS p50_tokens, q[2] AS p95_tokens, tok_max,
+    n_empty / n AS empty_frac, n_truncated / n AS truncated_frac, least(n_distinct / n, 1) AS distinct_frac
+FROM (SELECT policy_version, count() AS n, sum(completion_tokens) AS tok_sum, max(completion_tokens) AS tok_max,
+             countIf(completion_tokens = 0 OR empty(trimBoth(completion))) AS n_empty,
+             countIf(finish_reason = 'length' OR (max_tokens > 0 AND completion_tokens >= max_tokens)) AS n_truncated,
+             uniq(cityHash64(completion)) AS n_distinct, quantiles(0.5, 0.95)(completion_tokens) AS q
+      FROM generations FINAL WHERE {_TENANT} AND {{time_filter}} GROUP BY policy_version)
+WHERE n > 0 ORDER BY policy_version""",
+        "event_time",
+        "tokens",
+    ),
+)
+"""The panels a tenant's key sees, each filtered by `tenant_id = {tenant:String}`."""
+
+TENANT_BY_NAME: dict[str, NamedQuery] = {q.name: q for q in TENANT_PANELS}
+OPERATOR_ONLY = frozenset(BY_NAME) - frozenset(TENANT_BY_NAME)
+"""Panels about shared infrastructure, never shown to a tenant's key."""

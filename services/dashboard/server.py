@@ -1,4 +1,13 @@
-"""The dashboard's HTTP server: `/` (the page), `/api/panels`, `/api/alerts`, `/health`.
+"""The dashboard's HTTP server: `/` (the page), `/api/panels`, `/api/alerts`, `/health`,
+and `POST /api/forget` (what `rlfeed forget` calls while the stack owns chdb).
+
+Access: with no API key on file (the default; the page binds to loopback) every endpoint
+is open. Once the key file holds a key (`rlfeed keys create --tenant T`), the data
+endpoints need `Authorization: Bearer <key>` (or `X-API-Key`): a tenant's key gets only
+that tenant's rows (queries.TENANT_PANELS, every query filtered by tenant_id), no
+infrastructure panel and an empty alert list; an operator key (tenant
+`dashboard_operator_tenant`) sees all and alone may read alerts and forget users. `/`
+and `/health` carry no data and stay open.
 
 It runs uvicorn in a thread of the process that owns ClickHouse (chdb locks its data
 directory to one process, and cannot listen on HTTP itself).
@@ -18,16 +27,18 @@ import logging
 import threading
 import time
 from importlib import resources
+from pathlib import Path
 
 import orjson
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from services.dashboard import panels
 from services.dashboard.monitor import Monitor
 from services.dashboard.panels import Store
 from services.dashboard.settings import DashboardSettings
+from services.gateway.keys import KeyStore
 from services.logs import event
 
 log = logging.getLogger("rlfeed.dashboard")
@@ -43,22 +54,87 @@ def page_html(refresh_s: float) -> str:
     return html.replace("__REFRESH_MS__", str(int(refresh_s * 1000)))
 
 
-def build_app(store: Store, monitor: Monitor, settings: DashboardSettings) -> FastAPI:
-    """The FastAPI app over one store and monitor."""
+ALL_TENANTS = None
+"""The viewer of an operator key (or of an open dashboard): every tenant."""
+
+
+class Denied(Exception):
+    """A request without the access it needs (401: no valid key, 403: not an operator)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def request_key(request: Request) -> str | None:
+    """The API key a request carries (`Authorization: Bearer` or `X-API-Key`)."""
+    auth = request.headers.get("authorization")
+    if auth is not None:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def viewer_of(keys: KeyStore | None, key: str | None, operator_tenant: str) -> str | None:
+    """The tenant whose rows a request may see; ALL_TENANTS (None) for an operator key or
+    when no key is on file; Denied(401) for a missing or invalid key."""
+    if keys is None:
+        return ALL_TENANTS
+    if len(keys) == 0:
+        keys.reload()  # the first key may have been created since (an empty file is cheap to re-read)
+        if len(keys) == 0:
+            return ALL_TENANTS
+    if not key:
+        raise Denied(401, "missing API key: send `Authorization: Bearer <key>`")
+    tenant = keys.tenant_of(key)
+    if tenant is None:
+        raise Denied(401, "invalid API key")
+    return ALL_TENANTS if tenant == operator_tenant else tenant
+
+
+def keys_path(settings: DashboardSettings) -> Path:
+    """The API key file the dashboard checks keys against."""
+    return settings.keys_file if settings.keys_file is not None else settings.home_dir / "gateway-keys.json"
+
+
+def build_app(store: Store, monitor: Monitor, settings: DashboardSettings, keys: KeyStore | None = None) -> FastAPI:
+    """The FastAPI app over one store and monitor; `keys`: the API key store (None: open)."""
     app = FastAPI(title="rlfeed dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     html = page_html(settings.dashboard_refresh_s)
+
+    def viewer(request: Request, operator: bool = False) -> str | None:
+        tenant = viewer_of(keys, request_key(request), settings.dashboard_operator_tenant)
+        if operator and tenant is not ALL_TENANTS:
+            raise Denied(403, "an operator key is required")
+        return tenant
+
+    @app.exception_handler(Denied)
+    async def denied(request: Request, exc: Denied) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return Response(
+            orjson.dumps({"error": {"message": str(exc), "field": "Authorization", "type": "authentication_error"}}),
+            status_code=exc.status,
+            media_type="application/json",
+            headers=headers,
+        )
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
         return HTMLResponse(html)
 
     @app.get("/api/panels")
-    def api_panels(window_s: int | None = None) -> Response:
+    def api_panels(request: Request, window_s: int | None = None) -> Response:
+        tenant = viewer(request)
         window = max(60, min(window_s or settings.dashboard_window_s, 90 * 86400))
-        return _json(panels.collect(store, window, settings.lag_alert_max_messages, settings.kl_alert_max))
+        return _json(panels.collect(store, window, settings.lag_alert_max_messages, settings.kl_alert_max, tenant))
 
     @app.get("/api/alerts")
-    def api_alerts() -> Response:
+    def api_alerts(request: Request) -> Response:
+        if viewer(request) is not ALL_TENANTS:
+            # alerts are about the shared loop (all tenants' figures): an empty list, so the page still loads
+            note = "alerts are shown to operator keys only"
+            return _json({"firing": [], "last_round": {}, "recent": [], "error": note})
         try:
             recent, error = panels.recent_alerts(store), None
         except Exception as exc:
@@ -71,6 +147,28 @@ def build_app(store: Store, monitor: Monitor, settings: DashboardSettings) -> Fa
                 "error": error,
             }
         )
+
+    @app.post("/api/forget")
+    async def api_forget(request: Request) -> Response:
+        viewer(request, operator=True)
+        try:
+            body = orjson.loads(await request.body())
+            tenant_id, user_id = body.get("tenant_id", "default"), body["user_id"]
+            if not (isinstance(tenant_id, str) and isinstance(user_id, str) and tenant_id and user_id):
+                raise ValueError("tenant_id and user_id must be non-empty strings")
+        except (orjson.JSONDecodeError, KeyError, ValueError, AttributeError) as exc:
+            return _json({"error": {"message": f"user_id: {exc}", "field": "user_id"}}, status=422)
+        import asyncio
+
+        from services.privacy.forget import delete_user
+
+        def run() -> dict[str, int]:
+            with store.lock:
+                return delete_user(store.client, tenant_id, user_id)
+
+        deleted = await asyncio.to_thread(run)
+        event(log, "user_forgotten", tenant_id=tenant_id, rows=sum(deleted.values()))
+        return _json({"tenant_id": tenant_id, "user_id": user_id, "deleted": deleted})
 
     @app.get("/health")
     def health() -> Response:
@@ -125,8 +223,9 @@ class StackDashboard:
 
         self.store = Store(connect(clickhouse_url))
         self.monitor = Monitor(self.store, settings, bootstrap)
+        keys = KeyStore(keys_path(settings))
         self.server = DashboardServer(
-            build_app(self.store, self.monitor, settings), settings.dashboard_host, settings.dashboard_port
+            build_app(self.store, self.monitor, settings, keys), settings.dashboard_host, settings.dashboard_port
         )
         self.loop: threading.Thread | None = None
 

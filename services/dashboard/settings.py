@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from services.config import RlfeedSettings
@@ -16,6 +18,14 @@ class DashboardSettings(RlfeedSettings):
     """Interface the dashboard binds to (loopback: the page has no authentication)."""
     dashboard_port: int = Field(8765, ge=0, le=65535)
     """TCP port of the dashboard page (0: any free port)."""
+    keys_file: Path | None = None
+    """JSON file of hashed API keys (`rlfeed keys create`; the gateway's RLFEED_KEYS_FILE);
+    unset: home_dir/gateway-keys.json. Once it holds a key, the data endpoints
+    (/api/panels, /api/alerts, /api/forget) require one, and a tenant's key sees only that
+    tenant's rows."""
+    dashboard_operator_tenant: str = "operator"
+    """Keys of this tenant (`rlfeed keys create --tenant operator`) are operator keys: they
+    see every tenant, the infrastructure panels and the alerts, and may call /api/forget."""
     dashboard_window_s: int = Field(3600, gt=0)
     """How far back the page's charts look, in seconds."""
     dashboard_refresh_s: float = Field(5.0, gt=0)

@@ -63,8 +63,15 @@ def run(settings: DemoSettings, print_report: bool = True) -> dict:
         up = stack_state.read(home)
         kafka_url = up["kafka_url"]
         _say(f"stack up: {kafka_url}, ClickHouse {up['clickhouse_url']}, dashboard {up.get('dashboard_url')}")
-        env = child_env(env, kafka_url=kafka_url)
-        streams_env = child_env(env, settle_window_s=settings.demo_settle_window_s)
+        env = child_env(env, kafka_url=kafka_url, rollout_enabled=settings.demo_rollout_enabled)
+        streams_env = child_env(
+            env,
+            settle_window_s=settings.demo_settle_window_s,
+            rollout_candidate_traffic_frac=settings.demo_rollout_traffic_frac,
+            rollout_min_samples_per_arm=settings.demo_rollout_min_samples_per_arm,
+            rollout_max_samples=settings.demo_rollout_max_samples,
+            rollout_at_budget="promote_if_not_worse",
+        )
         streams = Child("streams", ["streams"], streams_env, logs, nice=nice)
         children.append(streams.start())
         trainer_env = child_env(
@@ -112,9 +119,15 @@ def run(settings: DemoSettings, print_report: bool = True) -> dict:
     report["streams"] = _last_log_fields(logs / "streams.log", "streams.join_stopped")
     report["trainer"] = _last_log_fields(logs / "trainer.log", "trainer_stopped")
     report["published_versions"] = _published_versions(logs / "trainer.log")
+    report["rollouts"] = rollout_decisions(_log_lines(logs / "streams.log", "rollout_decision"))
     report["publish_to_serving_s"] = publish_to_serving(
         _log_lines(logs / "trainer.log", "published"),
-        [r for i in range(settings.demo_replicas) for r in _log_lines(logs / f"replica-{i}.log", "weights_swapped")],
+        [
+            r
+            for i in range(settings.demo_replicas)
+            for name in ("weights_swapped", "rollout_candidate_loaded")
+            for r in _log_lines(logs / f"replica-{i}.log", name)
+        ],
     )
     report["summary"] = summarize(report, settings.demo_report_min_answers)
     (home / "demo-report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
@@ -196,12 +209,25 @@ def _published_versions(path: Path) -> dict:
 
 def publish_to_serving(published: list[dict], swapped: list[dict]) -> dict:
     """Seconds from each trained version's `published` log line to each replica's
-    `weights_swapped` line for it: p50, max, and how many (version, replica) swaps."""
+    `weights_swapped` (or, with rollouts, `rollout_candidate_loaded`) line for it: p50,
+    max, and how many (version, replica) swaps."""
     at = {r["version"]: r["ts"] for r in published if r.get("version")}
     delays = sorted(r["ts"] - at[r["version"]] for r in swapped if r.get("version") in at and not r.get("rollback"))
     if not delays:
         return {"swaps": 0}
     return {"p50": round(delays[len(delays) // 2], 2), "max": round(delays[-1], 2), "swaps": len(delays)}
+
+
+def rollout_decisions(records: list[dict]) -> list[dict]:
+    """The canary rollouts' starts, promotions and rollbacks (not the periodic collect reports)."""
+    out = []
+    for r in records:
+        decision = r.get("decision")
+        if decision == "collect" and "starts" not in str(r.get("reason", "")):
+            continue
+        keys = ("ts", "decision", "stable", "candidate", "decided", "reason", "stable_n", "candidate_n")
+        out.append({k: r.get(k) for k in keys})
+    return out
 
 
 def summarize(report: dict, min_answers: int = 1) -> dict:
@@ -243,12 +269,22 @@ async def _simulate(settings: DemoSettings, preference, children: list[Child], s
 
     population = Population(settings, preference, send)
     runner = asyncio.create_task(population.run(stop))
+    streams_log = next((c.log_path for c in children if c.name == "streams"), None)
+    rollouts_said = 0
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.demo_progress_interval_s)
             elapsed = time.monotonic() - started
             _say(_progress_line(elapsed, population))
+            if streams_log is not None and settings.demo_rollout_enabled:
+                said = rollout_decisions(_log_lines(streams_log, "rollout_decision"))
+                for r in said[rollouts_said:]:
+                    if r["decision"] == "collect":
+                        _say(f"rollout: v{r['candidate']} serves a slice beside stable v{r['stable']}: {r['reason']}")
+                    else:
+                        _say(f"rollout: {r['decision']} of v{r['decided']} (stable now v{r['stable']}): {r['reason']}")
+                rollouts_said = len(said)
             dead = [c.name for c in children if not c.alive()]
             if dead:
                 _say(f"stopping: {', '.join(dead)} exited; see their logs")

@@ -45,6 +45,20 @@ class DemoSettings(SimulatorSettings):
     demo_report_min_answers: int = 30
     """The report's "last version" is the newest one users saw at least this many times,
     so its accept rate has a usable interval."""
+    demo_rollout_enabled: bool = True
+    """Canary rollouts (streams/rollout.py): each published version first serves a sticky
+    slice of the users, and the stream worker promotes or rolls it back from their
+    feedback (and the guardrails); the dashboard's arms panel shows it. Off: every
+    published version is served to everyone at once."""
+    demo_rollout_traffic_frac: float = Field(0.5, gt=0, le=1)
+    """The candidate's share of the users in the demo (large, so it is judged within minutes
+    at the demo's ~1 answer/s)."""
+    demo_rollout_min_samples_per_arm: int = Field(20, ge=1)
+    """Samples each arm needs before the reward test may decide."""
+    demo_rollout_max_samples: int = Field(200, ge=2)
+    """The decision budget (samples of both arms): once spent, a candidate at least as good
+    as stable is promoted (`promote_if_not_worse`), a worse one rolled back; about 4
+    minutes at the demo's rate, close to how often the trainer publishes."""
     sim_concurrency: int = 24
     """Requests in flight at once: enough for batches of ~12 per replica, where CPU
     generation is several times more efficient than one by one."""

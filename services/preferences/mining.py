@@ -173,6 +173,8 @@ def mine_single(o: Outcome, sig: Signals | None = None) -> list[Mined]:
     """Preferences one outcome gives on its own: its edit, and its thumb as an unpaired label."""
     sig = sig or signals(o)
     out: list[Mined] = []
+    if sig.edited_text is None and sig.thumb is None:
+        return out  # most outcomes: nothing to mine alone (and no ids to sort)
     base = {
         "generation_id": o.generation_id,
         "tenant_id": o.tenant_id,

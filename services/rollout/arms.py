@@ -31,6 +31,19 @@ class ArmCounts:
     """Completion tokens over the counted samples (for the length guardrail)."""
     dead_letters: int = 0
     """Generations of this version that were dead-lettered (for the DLQ guardrail)."""
+    requests: int = 0
+    """Requests the replicas ran on this version since the rollout started (replica-status.v1)."""
+    failures: int = 0
+    """Of those, the ones that failed (for the error-rate guardrail)."""
+    latency_n: int = 0
+    """Answered requests behind `latency_p95_ms`."""
+    latency_p95_ms: float = 0.0
+    """95th percentile of request latency in ms (histogram estimate; for the latency guardrail)."""
+
+    @property
+    def error_rate(self) -> float:
+        """Share of the requests that failed (0 before any request)."""
+        return self.failures / self.requests if self.requests else 0.0
 
     @property
     def rate(self) -> float:
@@ -54,6 +67,7 @@ def encode_arms(arms: Mapping[str, ArmCounts]) -> dict[str, float]:
         out[f"{name}.rate_low"] = low
         out[f"{name}.rate_high"] = high
         out[f"{name}.mean_tokens"] = arm.mean_tokens
+        out[f"{name}.error_rate"] = arm.error_rate
     return out
 
 

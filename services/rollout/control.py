@@ -155,6 +155,10 @@ def status_row(ev: RolloutEvent) -> dict[str, Any]:
             "rate": round(arm.rate, 4),
             "interval_95": [round(low, 4), round(high, 4)],
             "mean_tokens": round(arm.mean_tokens, 1),
+            "requests": arm.requests,
+            "failures": arm.failures,
+            "error_rate": round(arm.error_rate, 4),
+            "latency_p95_ms": round(arm.latency_p95_ms, 1),
         }
     stats = {k.removeprefix("stat."): round(v, 4) for k, v in ev.arms.items() if k.startswith("stat.")}
     pending = ev.arms.get("rollout.pending_version", -1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -78,3 +79,51 @@ class ReplicaMetrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+class VersionTrafficCounter:
+    """Requests, failures and a latency histogram per policy version (thread-safe, cumulative).
+
+    The engine thread counts requests and failures, the event loop latencies; the
+    heartbeat reports `snapshot()` on replica-status.v1 (the rollout guardrails' input).
+    Only the `keep_versions` newest versions are kept (a rollout compares two)."""
+
+    def __init__(self, keep_versions: int = 8) -> None:
+        self.keep_versions = keep_versions
+        self._lock = threading.Lock()
+        self._counts: dict[int, dict[str, int]] = {}
+        self._latency: dict[int, dict[str, int]] = {}
+
+    def _entry(self, version: int) -> dict[str, int]:
+        entry = self._counts.get(version)
+        if entry is None:
+            entry = self._counts[version] = {"requests": 0, "failures": 0}
+            self._latency[version] = {}
+            for old in sorted(self._counts)[: -self.keep_versions]:
+                del self._counts[old], self._latency[old]
+        return entry
+
+    def ran(self, version: int, requests: int, failures: int = 0) -> None:
+        """`requests` ran on `version`, `failures` of them failed."""
+        with self._lock:
+            entry = self._entry(version)
+            entry["requests"] += requests
+            entry["failures"] += failures
+
+    def answered(self, version: int, latency_ms: float) -> None:
+        """A request on `version` was answered after `latency_ms`."""
+        from services.rollout.latency import bucket_key
+
+        key = bucket_key(latency_ms)
+        with self._lock:
+            self._entry(version)
+            hist = self._latency[version]
+            hist[key] = hist.get(key, 0) + 1
+
+    def snapshot(self) -> list[dict]:
+        """Each kept version's counters, as `ReplicaStatusEvent.traffic` entries (oldest first)."""
+        with self._lock:
+            return [
+                {"version": v, **self._counts[v], "latency_ms_buckets": dict(self._latency[v])}
+                for v in sorted(self._counts)
+            ]

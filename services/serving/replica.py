@@ -17,6 +17,13 @@ converges on the split the latest event declares, in this order: the stable vers
 otherwise), then the candidate (built beside the stable weights, or dropped on a
 rollback), then the traffic share. Requests reach the candidate only once its weights
 are in (`wants_candidate`), so a replica that is still loading serves stable.
+
+Every replica counts, per policy version, the requests its engine ran, the ones that
+failed, and a latency histogram of the answered ones (`VersionTrafficCounter`), and
+reports them cumulatively on each replica-status.v1 heartbeat; the streams worker's
+rollout guardrails (error rate, latency p95) read them. While a candidate is loaded the
+heartbeat runs at least every `CANDIDATE_STATUS_INTERVAL_S`, so a failing or slow
+candidate is seen within seconds.
 """
 
 from __future__ import annotations
@@ -28,17 +35,20 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.events import ModelUpdateEvent, ReplicaState, ReplicaStatusEvent, RolloutEvent
+from schemas.events import ModelUpdateEvent, ReplicaState, ReplicaStatusEvent, RolloutEvent, VersionTraffic
 from schemas.topics import GENERATIONS, MODEL_UPDATES, REPLICA_STATUS, ROLLOUTS
 from services.logs import event as log_event
 from services.serving.engines.base import Engine
 from services.serving.events import EventSink
-from services.serving.metrics import ReplicaMetrics
+from services.serving.metrics import ReplicaMetrics, VersionTrafficCounter
 from services.serving.settings import ServingSettings
 from services.serving.split import Split
 from services.serving.updates import UpdateFollower
 
 log = logging.getLogger(__name__)
+
+CANDIDATE_STATUS_INTERVAL_S = 2.0
+"""Longest heartbeat period while a rollout candidate is loaded (the guardrails' input)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,8 @@ class Replica:
         self.url = url
         self._store = store
         self.metrics = ReplicaMetrics()
+        self.traffic = VersionTrafficCounter()
+        """Requests, failures and latencies per policy version (reported on replica-status.v1)."""
         self.state = ReplicaState.STARTING
         self.last_error: str | None = None
         self.requests_total = 0
@@ -94,6 +106,7 @@ class Replica:
         self._last_pause_s = 0.0
         engine.on_batch = self._on_batch
         self._time_weight_copies()
+        self._count_batches()
         m = self.metrics
         m.gauge("rlfeed_serving_policy_version", "Policy version being served.", lambda: self.engine.version)
         m.gauge("rlfeed_serving_queue_depth", "Requests waiting for a batch.", lambda: self.engine.queue_depth)
@@ -174,6 +187,8 @@ class Replica:
             url=self.url,
             error=(error or self.last_error or None) and (error or self.last_error or "")[:10_000],
             requests_total=self.requests_total,
+            started_ms=int(self.started_at * 1000),
+            traffic=[VersionTraffic(**t) for t in self.traffic.snapshot()],
         )
 
     def report(self, state: ReplicaState | None = None, error: str | None = None) -> None:
@@ -182,11 +197,22 @@ class Replica:
             self.metrics.events_emitted.labels(REPLICA_STATUS.name).inc()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.settings.status_interval_s):
-            self.report()
+        last = time.monotonic()
+        while not self._stop.wait(min(self.settings.status_interval_s, CANDIDATE_STATUS_INTERVAL_S)):
+            if time.monotonic() - last >= self._heartbeat_interval_s():
+                self.report()
+                last = time.monotonic()
+
+    def _heartbeat_interval_s(self) -> float:
+        interval = self.settings.status_interval_s
+        if self.engine.candidate_version is not None:
+            return min(interval, CANDIDATE_STATUS_INTERVAL_S)
+        return interval
 
     def emit_generation(self, ev: Any) -> None:
-        """Send a GenerationEvent (never raises, never blocks)."""
+        """Send a GenerationEvent (never raises, never blocks); its latency counts for its version."""
+        if ev.latency_ms is not None:
+            self.traffic.answered(ev.policy_version, ev.latency_ms)
         if self.sink.emit(GENERATIONS, ev):
             self.metrics.events_emitted.labels(GENERATIONS.name).inc()
 
@@ -210,6 +236,32 @@ class Replica:
                 self.metrics.swap_pause_seconds.observe(self._last_pause_s)
 
         self.engine._load_weights = timed  # type: ignore[method-assign]
+
+    def _count_batches(self) -> None:
+        """Count requests and failures per version: wrap the engine's `_run_batch`, which runs
+        one batch of one arm (every job's `version` is set before it is called)."""
+        run = self.engine._run_batch
+
+        def counted(batch: list[Any]) -> None:
+            try:
+                run(batch)
+            except Exception:
+                self._count(batch, failed_all=True)
+                raise
+            self._count(batch, failed_all=False)
+
+        self.engine._run_batch = counted  # type: ignore[method-assign]
+
+    def _count(self, batch: list[Any], *, failed_all: bool) -> None:
+        by_version: dict[int, list[int]] = {}
+        for job in batch:
+            if job.version is None:
+                continue
+            counts = by_version.setdefault(job.version, [0, 0])
+            counts[0] += 1
+            counts[1] += int(failed_all or job.finish_reason == "error")
+        for version, (requests, failures) in by_version.items():
+            self.traffic.ran(version, requests, failures)
 
     def offer_update(self, ev: ModelUpdateEvent | RolloutEvent) -> None:
         """Queue a model update or a rollout split (the newest offered wins); called by the follower."""

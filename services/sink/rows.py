@@ -17,6 +17,7 @@ from schemas.events import (
     DeadLetterEvent,
     Event,
     FeedbackEvent,
+    ForgetEvent,
     GenerationEvent,
     ModelUpdateEvent,
     PreferenceEvent,
@@ -24,6 +25,7 @@ from schemas.events import (
     RolloutEvent,
     SampleEvent,
 )
+from services.privacy.redact import redact_specs
 
 BASE_COLUMNS = ("event_id", "event_time", "tenant_id")
 
@@ -184,6 +186,11 @@ def preference_tuple(e: PreferenceEvent) -> tuple:
     )
 
 
+def forget_tuple(e: ForgetEvent) -> tuple:
+    """A forget_requests row."""
+    return (e.event_id, e.event_time_ms, e.tenant_id, e.user_id, e.requested_by)
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One topic's table: its name, column order, tuple function and time columns."""
@@ -321,5 +328,10 @@ SPECS: dict[str, TableSpec] = {
         ),
         preference_tuple,
     ),
+    "forget-requests.v1": TableSpec("forget_requests", (*BASE_COLUMNS, "user_id", "requested_by"), forget_tuple),
 }
 """Topic name (unprefixed) -> its table spec."""
+
+# Privacy: every free-text column (prompts, completions, edits, dead letters' original
+# bytes) is redacted (RLFEED_REDACT_*) before it can reach ClickHouse.
+SPECS = redact_specs(SPECS)

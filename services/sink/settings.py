@@ -15,8 +15,10 @@ class SinkSettings(RlfeedSettings):
     (e.g. the pod name). A sink restarted after kill -9 then gets its partitions back at
     once instead of waiting for the broker to expire the dead member, which the embedded
     broker never does."""
-    sink_batch_max_events: int = 5000
-    """Most messages inserted per batch."""
+    sink_batch_max_events: int = 50_000
+    """Most messages inserted per batch. Large on purpose: every insert has a fixed cost
+    (tens of ms on chdb, a round trip and a new part on a server) per table, and a batch
+    makes one insert per table it touches."""
     sink_batch_max_wait_s: float = 1.0
     """Longest a batch waits to fill before it is inserted."""
     sink_session_timeout_s: float = 45.0

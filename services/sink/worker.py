@@ -2,16 +2,24 @@
 
 Ordering, per batch (the only place it is written down):
   1. Poll up to `sink_batch_max_events` messages, waiting at most `sink_batch_max_wait_s`.
-  2. Decode each; an invalid message becomes a dead letter with the original bytes and a
-     deterministic event id. It is produced to dlq.v1 (and so reaches the dead_letters
-     table when the sink reads dlq.v1 back); an invalid message *on* dlq.v1 goes straight
-     into dead_letters, so nothing loops.
-  3. Insert every table's rows; on failure back off and retry, committing nothing, until
-     ClickHouse accepts or the sink is stopped.
+  2. Decode each against the contract (`structs.fast_decoder`, msgspec; anything it does
+     not accept goes to `codec.decode`, the reference). An invalid message becomes a dead
+     letter with the original bytes, the field named and a deterministic event id. It is
+     produced to dlq.v1 (and so reaches the dead_letters table when the sink reads dlq.v1
+     back); an invalid message *on* dlq.v1 goes straight into dead_letters, so nothing
+     loops.
+  3. Insert every table's rows (column-oriented); on failure back off and retry,
+     committing nothing, until ClickHouse accepts or the sink is stopped.
   4. Flush the dead-letter producer (acks=all).
   5. Commit the batch's offsets synchronously.
 A crash before step 5 redelivers the batch. Inserts are idempotent by event_id
 (ReplacingMergeTree; read with FINAL), so redelivery neither loses nor doubles a row.
+
+`run` overlaps batches: while batch N is inserted, flushed and committed (3-5, on one
+insert thread, right after each other, as the consumer and producer are thread-safe),
+batch N+1 is polled and decoded (1-2); N+1 is handed over only once N is done. Inserts
+and commits stay one at a time and in order, and a batch's offsets are committed only
+after its own insert succeeded. `run_once` does one batch without overlap.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import Event
@@ -33,6 +44,7 @@ from services.kafka.security import librdkafka_config
 from services.logs import event
 from services.sink.rows import SPECS, TableSpec
 from services.sink.settings import SinkSettings
+from services.sink.structs import DecodeError, fast_decoder
 
 log = logging.getLogger("rlfeed.sink")
 REJECTED_BY = "sink"
@@ -45,6 +57,17 @@ class _Route:
     topic: Topic
     model: type[Event]
     spec: TableSpec
+    fast: Callable[[bytes], Any] | None
+    """The derived msgspec decoder (None: this model is validated by pydantic only)."""
+
+
+@dataclass
+class _Batch:
+    """Decoded messages waiting for their insert: rows per table, offsets to commit."""
+
+    rows: dict[str, list[tuple]]
+    offsets: dict[tuple[str, int], int]
+    count: int
 
 
 @dataclass
@@ -56,6 +79,9 @@ class SinkStats:
     rows: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     dead_letters: int = 0
     insert_failures: int = 0
+    commit_failures: int = 0
+    slow_path: int = 0
+    """Messages the fast decoder did not accept, decided by `codec.decode` instead."""
     last_commit_ts: float | None = None
 
     def as_dict(self) -> dict:
@@ -65,6 +91,8 @@ class SinkStats:
             "rows": dict(self.rows),
             "dead_letters": self.dead_letters,
             "insert_failures": self.insert_failures,
+            "commit_failures": self.commit_failures,
+            "slow_path": self.slow_path,
             "last_commit_ts": self.last_commit_ts,
         }
 
@@ -86,6 +114,10 @@ class Sink:
                 "enable.partition.eof": False,
                 "session.timeout.ms": int(settings.sink_session_timeout_s * 1000),
                 "max.poll.interval.ms": int(settings.sink_max_poll_interval_s * 1000),
+                # A broker may answer one fetch with far more than fetch.max.bytes: noida-db
+                # sent a backlog of 1M events (1 GB) as one response, which the default
+                # bound (100 MB) refuses, forever. Kafka itself keeps to fetch.max.bytes.
+                "receive.message.max.bytes": 2_147_483_647,
                 **({"group.instance.id": settings.sink_group_instance_id} if settings.sink_group_instance_id else {}),
             }
         )
@@ -100,21 +132,34 @@ class Sink:
         self.producer.flush(10)
 
     def run(self, stop: threading.Event) -> None:
-        """Process batches until `stop` is set."""
-        while not stop.is_set():
-            self.run_once(stop)
+        """Process batches until `stop` is set, inserting one batch while polling the next."""
+        with ThreadPoolExecutor(1, thread_name_prefix="sink-insert") as inserter:
+            stored: Future[bool] | None = None
+            while not stop.is_set():
+                batch = self._poll()
+                if stored is not None and not stored.result():
+                    return  # stopped during an outage: that batch (and this one) are not committed
+                stored = None if batch is None else inserter.submit(self._store, batch, stop)
+            if stored is not None:
+                stored.result()
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll, insert and commit one batch; return the number of messages in it."""
-        messages = self.consumer.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
-        if not messages:
+        batch = self._poll()
+        if batch is None or not self._insert(batch.rows, stop):
             return 0
+        self._commit(batch)
+        return batch.count
+
+    def _poll(self) -> _Batch | None:
+        """Steps 1-2: one batch of messages, decoded into rows (None when there were none)."""
+        messages = self.consumer.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
         rows: dict[str, list[tuple]] = defaultdict(list)
         offsets: dict[tuple[str, int], int] = {}
         routes = self._routes
         count = 0
-        # The hot path: one pydantic call per message (validate straight from the JSON
-        # bytes), one tuple per row; anything unusual falls back to `codec.decode`.
+        # The hot path: one msgspec decode per message (validating while it parses), one
+        # tuple per row; whatever the fast decoder refuses goes to the reference decoder.
         for msg in messages:
             if msg.error() is not None:
                 self._ok(msg)
@@ -123,30 +168,45 @@ class Sink:
             route = routes.get(name) or self._add_route(name)
             raw = msg.value() or b""
             try:
-                if len(raw) > MAX_MESSAGE_BYTES:
-                    raise ValueError("too large")
-                ev = route.model.model_validate_json(raw)
-            except (ValueError, RecursionError):  # ValidationError is a ValueError
+                if route.fast is None or len(raw) > MAX_MESSAGE_BYTES:
+                    raise ValueError("slow path")
+                row = route.spec.row(route.fast(raw))
+            except (*DecodeError, AttributeError):  # AttributeError: a row function using
+                # something only the pydantic model has (a property, a method)
                 ev = self._decode_or_reject(msg, route, raw, rows)
-            if ev is not None:
-                rows[route.spec.table].append(route.spec.row(ev))
+                row = None if ev is None else route.spec.row(ev)
+            if row is not None:
+                rows[route.spec.table].append(row)
             # Messages of one partition arrive in offset order: the last one is the highest.
             offsets[(name, msg.partition())] = msg.offset()
             count += 1
-        if not count:
-            return 0
-        if not self._insert(rows, stop):
-            return 0
+        return _Batch(rows, offsets, count) if count else None
+
+    def _store(self, batch: _Batch, stop: threading.Event) -> bool:
+        """Steps 3-5 on the insert thread: insert, then flush and commit at once (False:
+        stopped during an outage, nothing committed)."""
+        if not self._insert(batch.rows, stop):
+            return False
+        self._commit(batch)
+        return True
+
+    def _commit(self, batch: _Batch) -> None:
+        """Steps 4-5, after the batch's rows are in ClickHouse."""
         self.producer.flush(30)
-        self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()], asynchronous=False)
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in batch.offsets.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # e.g. the partitions were revoked: the new owner redoes them
+            self.stats.commit_failures += 1
+            event(log, "commit_failed", logging.WARNING, error=str(exc)[:500], partitions=len(offsets))
+            return
         self.stats.batches += 1
-        self.stats.messages += count
+        self.stats.messages += batch.count
         self.stats.last_commit_ts = time.time()
-        return count
 
     def _add_route(self, full_name: str) -> _Route:
         topic = topic_for_name(full_name, self.prefix)
-        route = _Route(topic, topic.event, SPECS[topic.name])
+        route = _Route(topic, topic.event, SPECS[topic.name], fast_decoder(topic.event))
         self._routes[full_name] = route
         return route
 
@@ -161,6 +221,7 @@ class Sink:
     def _decode_or_reject(self, msg: Message, route: _Route, raw: bytes, rows: dict[str, list[tuple]]) -> Event | None:
         """The slow path: `codec.decode` (the reference), dead-lettering what it rejects."""
         topic = route.topic
+        self.stats.slow_path += 1
         try:
             return decode(route.model, raw)
         except InvalidEvent as err:

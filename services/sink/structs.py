@@ -1,0 +1,283 @@
+"""Fast decoders for the sink: msgspec structs derived from the pydantic event models.
+
+The sink validates every message against the contract (`schemas.events`), but pydantic
+costs 10-40 µs per event, more than the ClickHouse insert itself. `fast_decoder(model)`
+derives, once per model, a msgspec struct with the same fields, types, bounds, patterns,
+defaults and unknown-field rule, whose `__post_init__` runs the model's own `after`
+validators; msgspec checks all of it in C while it parses.
+
+The derived decoder is never more lenient than the model: where the two could differ,
+msgspec is the stricter (no lax coercions such as "5" -> 5, integers within 64 bits,
+`$` anchors made absolute). Anything it rejects goes to the reference (`codec.decode`),
+which either accepts it or names the field for the dead letter. A model using something
+this translation does not know (an alias, a field validator, a before-validator, an
+unknown constraint) gets no fast decoder (`None`): the sink then validates with pydantic.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types as at
+import msgspec
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from schemas.events import Event
+
+
+class Unsupported(TypeError):
+    """The model uses something the translation does not handle (the sink uses pydantic)."""
+
+
+FLOAT_MAX = sys.float_info.max
+_CHARSET = re.compile(r"\^\[([^\]\\\n]+)\]\+\$")
+"""A pattern that is one character class repeated (ids): `^[A-Za-z0-9._-]+$`."""
+_CONSTRAINTS = {at.Ge: "ge", at.Gt: "gt", at.Le: "le", at.Lt: "lt", at.MinLen: "min_length", at.MaxLen: "max_length"}
+
+
+def _pattern(p: str) -> str:
+    """pydantic's regex `$` is the absolute end; Python's also matches before a final newline."""
+    if p.endswith("$") and not p.endswith("\\$"):
+        p = p[:-1] + r"\Z"
+    return p
+
+
+def _meta(items: list[Any], charsets: list[str] | None) -> tuple[dict[str, Any], bool]:
+    """msgspec.Meta keywords from pydantic/annotated-types metadata; and allow_inf_nan.
+
+    A `^[class]+$` pattern is left out of the keywords and appended to `charsets` (when
+    given): the struct checks all such fields at once (`_charset_check`), which is much
+    cheaper than msgspec's one Python regex call per string.
+    """
+    kw: dict[str, Any] = {}
+    allow_inf_nan = True
+    for m in items:
+        if isinstance(m, FieldInfo):
+            sub, allow = _meta(list(m.metadata), charsets)
+            kw.update(sub)
+            allow_inf_nan = allow_inf_nan and allow
+            continue
+        name = _CONSTRAINTS.get(type(m))
+        if name is not None:
+            kw[name] = getattr(m, name)
+            continue
+        if type(m).__name__ == "_PydanticGeneralMetadata":
+            extra = dict(vars(m))
+            if "pattern" in extra:
+                pattern = extra.pop("pattern")
+                simple = _CHARSET.fullmatch(pattern)
+                if simple and charsets is not None:
+                    charsets.append(simple.group(1))
+                else:
+                    kw["pattern"] = _pattern(pattern)
+            if "allow_inf_nan" in extra:
+                allow_inf_nan = bool(extra.pop("allow_inf_nan"))
+            if extra:
+                raise Unsupported(f"constraint {extra}")
+            continue
+        if type(m).__name__ == "AllowInfNan":
+            allow_inf_nan = bool(m.allow_inf_nan)
+            continue
+        raise Unsupported(f"metadata {m!r}")
+    return kw, allow_inf_nan
+
+
+def _float_bounds(kw: dict[str, Any]) -> dict[str, Any]:
+    """Bounds that also reject inf and NaN (msgspec has no allow_inf_nan)."""
+    kw = dict(kw)
+    if "ge" not in kw and "gt" not in kw:
+        kw["ge"] = -FLOAT_MAX
+    if "le" not in kw and "lt" not in kw:
+        kw["le"] = FLOAT_MAX
+    return kw
+
+
+def _convert(tp: Any, meta: list[Any], structs: dict[type, type], charsets: list[str] | None = None) -> Any:
+    """The msgspec type for a pydantic annotation `tp` with `meta` constraints on it.
+
+    `charsets` collects the simple patterns of a top-level field (a string, an optional
+    string or a list of strings), which the struct then checks itself."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *more = get_args(tp)
+        return _convert(inner, [*more, *meta], structs, charsets)
+    kw, allow_inf_nan = _meta(meta, charsets)
+    if origin in (Union, types.UnionType):
+        if kw:
+            raise Unsupported(f"constraints on a union {tp}")
+        return Union[tuple(_convert(a, [], structs, charsets) for a in get_args(tp))]  # noqa: UP007
+    if tp is type(None):
+        out: Any = None
+    elif tp in (str, int, bool):
+        out = tp
+    elif tp is float:
+        out = float
+        if not allow_inf_nan:
+            kw = _float_bounds(kw)
+    elif origin is Literal:
+        out = tp
+    elif origin is list:
+        (item,) = get_args(tp)
+        out = list[_convert(item, [], structs, charsets)]
+    elif origin is dict:
+        key, value = get_args(tp)
+        out = dict[_convert(key, [], structs), _convert(value, [], structs)]
+    elif isinstance(tp, type) and issubclass(tp, enum.StrEnum):
+        out = Literal[tuple(m.value for m in tp)]
+    elif isinstance(tp, type) and issubclass(tp, BaseModel):
+        out = _struct(tp, structs)
+    else:
+        raise Unsupported(f"type {tp!r}")
+    return Annotated[out, msgspec.Meta(**kw)] if kw else out
+
+
+def _charset_check(charset: str, names: list[str]) -> Callable[[Any], None]:
+    """Check every string of the fields `names` against `^[charset]+$` at once.
+
+    The strings are joined with newlines and encoded; deleting the allowed bytes must
+    leave exactly the separators. Much cheaper than a regex call per field; a class that
+    admits any non-ASCII character is not translated (`Unsupported`).
+    """
+    pattern = re.compile(f"[{charset}]")
+    if pattern.match("\n") or any(pattern.match(chr(c)) for c in (0xE9, 0x3B1, 0x4E00, 0x1F600)):
+        raise Unsupported(f"character class [{charset}]")
+    allowed = bytes(c for c in range(128) if pattern.match(chr(c)))
+    get = operator.attrgetter(*names) if len(names) > 1 else (lambda self: (getattr(self, names[0]),))
+
+    def check(self: Any) -> None:
+        values = get(self)
+        try:
+            joined, count = "\n".join(values), len(values)
+        except TypeError:  # an optional field is None, or a field is a list
+            strings: list[str] = []
+            for value in values:
+                if value.__class__ is str:
+                    strings.append(value)
+                elif value is not None:
+                    strings.extend(value)
+            joined, count = "\n".join(strings), len(strings)
+        if count and joined.encode().translate(None, allowed) != b"\n" * (count - 1):
+            bad = next(n for n in names if _bad(pattern, getattr(self, n)))
+            raise ValueError(f"{bad}: string does not match the pattern ^[{charset}]+$")
+
+    return check
+
+
+def _bad(pattern: re.Pattern[str], value: str | list[str] | None) -> bool:
+    values = [] if value is None else [value] if isinstance(value, str) else value
+    return any(not all(pattern.match(ch) for ch in v) for v in values)
+
+
+def _with_plain_enums(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` seeing each StrEnum of its module as a namespace of plain strings.
+
+    The struct holds enum fields as their string values, which compare equal to the
+    members; but on Python 3.11 every `Kind.MEMBER` lookup runs a Python-level
+    descriptor, which made the validators cost more than the whole msgspec decode. A
+    validator that needs the enum class itself (isinstance, `.value`) fails here and
+    the message goes to the reference decoder: slower, never wrong.
+    """
+    if not isinstance(func, types.FunctionType):
+        return func
+    plain = {
+        name: types.SimpleNamespace(**{m.name: m.value for m in value})
+        for name, value in func.__globals__.items()
+        if isinstance(value, type) and issubclass(value, enum.StrEnum)
+    }
+    if not plain:
+        return func
+    scope = {**func.__globals__, **plain}
+    return types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+
+
+def _post_init(checks: list[Callable[[Any], Any]]) -> Callable[[Any], None]:
+    def __post_init__(self: Any) -> None:
+        for check in checks:
+            check(self)
+
+    return __post_init__
+
+
+def _factory(factory: Callable[[], Any], structs: dict[type, type]) -> Callable[[], Any]:
+    """A default factory; one that makes a pydantic model makes its struct instead."""
+    sample = factory()  # type: ignore[call-arg]
+    if isinstance(sample, BaseModel):
+        struct = _struct(type(sample), structs)
+        return lambda: msgspec.convert(sample.model_dump(), type=struct)
+    return factory  # type: ignore[return-value]
+
+
+def _struct(model: type[BaseModel], structs: dict[type, type]) -> type:
+    """The msgspec struct mirroring `model` (memoised in `structs`)."""
+    if model in structs:
+        return structs[model]
+    cfg = model.model_config
+    extra = cfg.get("extra", "ignore")
+    if extra not in ("forbid", "ignore") or cfg.get("strict") is False or cfg.get("populate_by_name"):
+        raise Unsupported(f"{model.__name__}: model_config {cfg}")
+    decorators = model.__pydantic_decorators__
+    if decorators.validators or decorators.field_validators or decorators.root_validators:
+        raise Unsupported(f"{model.__name__}: field validators")
+    checks = []
+    for dec in decorators.model_validators.values():
+        if dec.info.mode != "after":
+            raise Unsupported(f"{model.__name__}: a {dec.info.mode} model validator")
+        checks.append(_with_plain_enums(dec.func))
+    hints = typing.get_type_hints(model, include_extras=True)
+    fields = []
+    by_charset: dict[str, list[str]] = {}
+    for name, info in model.model_fields.items():
+        if info.alias not in (None, name) or info.validation_alias is not None:
+            raise Unsupported(f"{model.__name__}.{name}: alias")
+        charsets: list[str] = []
+        tp = _convert(hints[name], list(info.metadata), structs, charsets)
+        if len(set(charsets)) > 1:
+            tp = _convert(hints[name], list(info.metadata), structs)
+        elif charsets:
+            by_charset.setdefault(charsets[0], []).append(name)
+        if info.default_factory is not None:
+            default: Any = msgspec.field(default_factory=_factory(info.default_factory, structs))
+        elif info.is_required():
+            default = msgspec.NODEFAULT
+        else:
+            default = info.default.value if isinstance(info.default, enum.Enum) else info.default
+            if isinstance(default, (dict, list)):
+                value = default
+                default = msgspec.field(default_factory=lambda v=value: type(v)(v))
+        fields.append((name, tp) if default is msgspec.NODEFAULT else (name, tp, default))
+    # Field checks first, then the model's validators, as pydantic orders them.
+    checks = [*(_charset_check(c, names) for c, names in by_charset.items()), *checks]
+    ns = {"__post_init__": _post_init(checks)} if checks else None
+    struct = msgspec.defstruct(
+        f"Fast{model.__name__}",
+        fields,
+        kw_only=True,
+        forbid_unknown_fields=extra == "forbid",
+        namespace=ns,
+        gc=False,  # no cycles (strings, numbers, lists, dicts, structs): not GC-tracked
+    )
+    structs[model] = struct
+    return struct
+
+
+DecodeError = (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, RecursionError)
+"""What a fast decoder raises for input it does not accept (then ask `codec.decode`)."""
+
+
+def fast_decoder(model: type[Event]) -> Callable[[bytes], Any] | None:
+    """A function bytes -> struct mirroring `model` (same attribute names and values as
+    the model, enums as their string values), raising one of `DecodeError` for anything
+    it does not accept; None when the model cannot be translated."""
+    try:
+        decoder = msgspec.json.Decoder(_struct(model, {}))
+    except (Unsupported, TypeError, ValueError):
+        return None
+    return decoder.decode
