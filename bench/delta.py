@@ -16,7 +16,14 @@ small step). Every delta is applied again and checked bit for bit against the we
 encodes. Prints one JSON object: per dtype and delta the compression ratio (full
 snapshot bytes / delta bytes), the modes chosen per tensor, the fraction of changed
 elements, and encode/decode throughput in GB/s of full state-dict bytes (encode computes
-both checksums; decode verifies both, as `CheckpointStore` does).
+both checksums; decode verifies both, as `CheckpointStore` does). Next to each ratio,
+`entropy_bound_ratio`: full bytes over the empirical entropy of the change under the
+codec's own model (which elements changed: coin flips per exponent class of the base;
+the changed elements' differences: i.i.d. per class), split into positions and values.
+
+What the trainer publishes today is the fp32 row: it trains and publishes fp32 weights
+(`services.trainer.policy.load`), so the bf16 rows describe a bf16 publish of fp32
+master weights, which the trainer does not do (yet).
 
     .venv/bin/python bench/delta.py [--model-dir DIR] [--threads 1] [--snapshots DIR]
 
@@ -33,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +160,51 @@ def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.reshape(-1).view(torch.uint8).reshape(n, -1) != b.reshape(-1).view(torch.uint8).reshape(n, -1)).any(1)
 
 
+def _h(p: np.ndarray) -> np.ndarray:
+    """Binary entropy in bits (0 at p = 0 or 1)."""
+    p = np.clip(p, 1e-300, 1.0)
+    q = np.clip(1.0 - p, 1e-300, 1.0)
+    return np.where((p <= 1e-300) | (q <= 1e-300), 0.0, -(p * np.log2(p) + q * np.log2(q)))
+
+
+def entropy_bits(old: torch.Tensor, new: torch.Tensor) -> dict[str, float]:
+    """An empirical (order-0) entropy of the change, in bits, for one tensor, under the
+    codec's own model: which elements changed, as independent coin flips per exponent
+    of the base value (the codec's visiting order), plus the changed elements' integer
+    differences `new - old` of the bits (mod 2**bits), i.i.d. within each exponent class
+    from their empirical distribution there. No lossless coder of that model does better on average; a coder that
+    uses more context (neighbours, the gradient) could."""
+    n = new.numel()
+    itemsize = new.element_size()
+    u = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(itemsize)
+    if u is None or n == 0:
+        return {"positions": 0.0, "values": 0.0}
+    a = old.reshape(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]).numpy().view(u)
+    b = new.reshape(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[itemsize]).numpy().view(u)
+    changed = a != b
+    k = int(changed.sum())
+    if k == 0:
+        return {"positions": 0.0, "values": 0.0}
+    mbits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}.get(new.dtype)
+    if mbits is None:
+        cls = np.zeros(n, dtype=np.int64)
+    else:
+        cls = ((a >> u(mbits)) & u((1 << (8 * itemsize - 1 - mbits)) - 1)).astype(np.int64)
+    tot = np.bincount(cls)
+    hit = np.bincount(cls[changed], minlength=len(tot))
+    live = tot > 0
+    positions = float((tot[live] * _h(hit[live] / tot[live])).sum())
+    # the differences, i.i.d. within each exponent class (the codec visits them so)
+    d = (b[changed] - a[changed]).astype(np.uint64)
+    c = cls[changed].astype(np.uint64)
+    key = (c << np.uint64(8 * itemsize)) | d if itemsize <= 4 else d  # (class, difference) pairs
+    keys, joint = np.unique(key, return_counts=True)
+    of = (keys >> np.uint64(8 * itemsize)).astype(np.int64) if itemsize <= 4 else np.zeros(keys.size, np.int64)
+    n_class = np.bincount(of, weights=joint)[of]
+    values = float(-(joint * np.log2(joint / n_class)).sum())
+    return {"positions": positions, "values": values}
+
+
 def measure(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: str) -> dict[str, object]:
     """Size, modes, changed fraction, throughput and bit-exactness of one delta."""
     full = sum(t.numel() * t.element_size() for t in new.values())
@@ -163,6 +216,10 @@ def measure(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: s
     t0 = time.perf_counter()
     out = deltacodec.apply(old, blob)
     dec_s = time.perf_counter() - t0
+    ent = [entropy_bits(old[k], t) for k, t in new.items() if k in old and old[k].dtype == t.dtype]
+    pos_bits = sum(e["positions"] for e in ent)
+    val_bits = sum(e["values"] for e in ent)
+    bound = (pos_bits + val_bits) / 8
     modes: dict[str, int] = {}
     for e in deltacodec.read_header(blob)["tensors"]:
         modes[e["mode"]] = modes.get(e["mode"], 0) + 1
@@ -170,6 +227,9 @@ def measure(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: s
         "full_bytes": full,
         "delta_bytes": len(blob),
         "ratio": round(full / len(blob), 2),
+        "entropy_bound_ratio": round(full / max(bound, 1.0), 2),
+        "entropy_bytes": {"positions": round(pos_bits / 8), "values": round(val_bits / 8)},
+        "delta_vs_entropy": round(len(blob) / max(bound, 1.0), 3),
         "changed_fraction": round(changed / max(numel, 1), 5),
         "modes": modes,
         "encode_GBps": round(full / enc_s / 1e9, 3),

@@ -1,12 +1,23 @@
 """Trainer benchmark: pipelined vs synchronous on the same data, and delta vs full size.
 
-Produces one set of samples to a fresh topic, trains on all of it twice from offset 0
-(once with `pipelined=False`, once with `pipelined=True`, fresh state each time), and
-prints one JSON object: steps/s and samples/s of both (from the first batch to the end of
-the last step), their ratio, and the size of the published delta (version 1 against
-version 0) next to the full snapshot (version 0).
+Produces one set of samples to a fresh topic, trains on all of it from offset 0 once per
+mode (fresh state each time), and prints one JSON object: steps/s and samples/s of each
+(from the first batch to the end of the last step), the ratios, where a step's time goes,
+and the size of the published delta (version 1 against version 0) next to the full
+snapshot (version 0). The modes:
 
-    .venv/bin/python bench/trainer.py [--samples 384] [--model-dir DIR] [--threads 1]
+* `synchronous`: read, batch, the reference's forward (KL term) and the policy's
+  forward/backward + AdamW one after the other on one thread, `--threads` intra-op threads;
+* `pipelined`: reading, batching and the reference's forward on the reader thread while the
+  optimiser thread trains (each with `--threads` intra-op threads: 2x the threads);
+* `synchronous_2x_threads`: the synchronous loop with 2x `--threads` intra-op threads, the
+  same core budget as `pipelined` (the fair baseline on a machine with that many cores);
+* `pipelined_bf16` (with `--bf16`): `pipelined` under bf16 autocast, to measure it on CPU.
+
+Per mode, `prepare_s` is the pipeline stage's time (the reference's forward), `step_s`
+the optimiser thread's time in steps, `wait_s` its time waiting for a batch.
+
+    .venv/bin/python bench/trainer.py [--samples 384] [--model-dir DIR] [--threads 1] [--bf16]
 
 Uses RLFEED_KAFKA_URL when set, else starts an embedded broker. Default model: the tiny
 random Llama of the tests (real tokenizer, 49k vocabulary); `--model-dir` takes any HF
@@ -65,10 +76,15 @@ def run_once(settings, bootstrap: str) -> dict[str, float]:
     from services.trainer.loop import Trainer
 
     trainer = Trainer(settings, bootstrap)
-    stats = trainer.run(idle_exit_s=3.0)
+    stats = trainer.run(idle_exit_s=20.0)  # generous: a loaded machine starts slowly
     active = stats["last_step_at"] - stats["first_batch_at"]
     # The first batch's wait is not in `active`; one step's time is, in both modes.
     return {
+        "prepare_s": round(stats["prepare_s"], 2),
+        "step_s": round(stats["step_s"], 2),
+        "wait_s": round(stats["wait_s"], 2),
+        "ref_rows": stats["ref_rows"],
+        "ref_rows_skipped": stats["ref_rows_skipped"],
         "steps": stats["steps"],
         "samples": stats["samples"],
         "optimizer_steps": stats["optimizer_steps"],
@@ -79,12 +95,19 @@ def run_once(settings, bootstrap: str) -> dict[str, float]:
     }, trainer
 
 
+def ratio(results: dict[str, dict[str, float]], mode: str) -> float:
+    """samples/s of `mode` over the synchronous loop's, same data, same run."""
+    return round(results[mode]["samples_per_s"] / max(results["synchronous"]["samples_per_s"], 1e-9), 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="also run the pipelined loop under bf16 autocast")
+    ap.add_argument("--no-2x", action="store_true", help="skip the synchronous_2x_threads mode")
     args = ap.parse_args()
 
     import logging
@@ -123,7 +146,9 @@ def main() -> None:
 
         results = {}
         trainers = {}
-        for mode in ("synchronous", "pipelined"):
+        modes = ["synchronous", "pipelined"] + ([] if args.no_2x else ["synchronous_2x_threads"])
+        modes += ["pipelined_bf16"] if args.bf16 else []
+        for mode in modes:
             settings = TrainerSettings(
                 _env_file=None,
                 home_dir=work / mode,
@@ -131,12 +156,15 @@ def main() -> None:
                 model_name="bench-policy",
                 model_dir=model_dir,
                 checkpoint_dir=work / "store",
-                pipelined=(mode == "pipelined"),
+                pipelined=mode.startswith("pipelined"),
+                trainer_bf16=mode.endswith("bf16"),
+                trainer_device="cpu",
+                follow_rollbacks=False,
                 trainer_batch_size=args.batch_size,
                 trainer_micro_batch_size=args.batch_size,
                 trainer_batch_wait_s=1.0,
                 heldout_every=10**9,
-                trainer_torch_threads=args.threads,
+                trainer_torch_threads=args.threads * (2 if mode.endswith("2x_threads") else 1),
                 checkpoint_every_steps=10**9,
                 checkpoint_every_s=10**9,
                 publish_every_s=0,
@@ -163,11 +191,8 @@ def main() -> None:
             "batch_size": args.batch_size,
             "torch_threads": args.threads,
             "cpu_count": os.cpu_count(),
-            "synchronous": results["synchronous"],
-            "pipelined": results["pipelined"],
-            "pipelined_vs_sync_steps_per_s": round(
-                results["pipelined"]["steps_per_s"] / max(results["synchronous"]["steps_per_s"], 1e-9), 3
-            ),
+            **results,
+            **{f"{m}_vs_sync_samples_per_s": ratio(results, m) for m in modes if m != "synchronous"},
             "full_snapshot_bytes": full.size_bytes,
             "delta_bytes": delta_ev.size_bytes,
             "delta_vs_full": round(delta_ev.size_bytes / full.size_bytes, 4),

@@ -155,8 +155,56 @@ def test_small_steps_use_bitmap_mode_and_compress(dtype: torch.dtype) -> None:
     blob = delta.encode({"w": old}, {"w": new})
     assert _bits_equal(delta.apply({"w": old}, blob), {"w": new})
     (entry,) = delta.read_header(blob)["tensors"]
-    assert entry["mode"] == "bitmap"
+    assert entry["mode"] in ("bitmap", "rice")
     assert len(blob) < old.numel() * old.element_size() / 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("step", [1e-6, 1e-4, 1e-2])
+def test_rice_mode_round_trips(dtype: torch.dtype, step: float) -> None:
+    """`rice` codes the change map per exponent class: bit-exact whatever fraction moved
+    (none, few, most, all of a class); a truncated payload is refused."""
+    g = torch.Generator().manual_seed(1)
+    old = (torch.randn(128, 300, generator=g) * 0.05).to(dtype)
+    old[0, :50] = 0.0  # a class (zero) that does not move at all...
+    master = old.double() - step * torch.sign(torch.randn(128, 300, generator=g, dtype=torch.float64))
+    master[0, :50] = 1e-30  # ...that moves entirely (denormals for the narrow types)
+    new = master.to(dtype)
+    u = delta._UINT[old.element_size()]
+    a, b = delta._raw(old).view(u), delta._raw(new).view(u)
+    payload, count = delta._rice_payload(a, b, dtype)
+    assert count == int((a != b).sum())
+    back = delta._apply_rice(a, payload, count, dtype, "w")
+    assert np.array_equal(back, b)
+    with pytest.raises(delta.DeltaError):
+        delta._apply_rice(a, payload[:-1], count, dtype, "w")
+
+
+def test_format_2_deltas_still_apply() -> None:
+    """A format-2 delta (no `rice` mode) still decodes; `rice` under the format-2 magic is
+    refused."""
+    old = {"w": torch.randn(10, 10), "b": (torch.randn(128, 64) * 0.05).to(torch.bfloat16)}
+    new = {"w": old["w"] + 1e-3, "b": (old["b"].double() - 1e-4).to(torch.bfloat16)}
+    blob = delta.encode(old, new)
+    modes = {e["mode"] for e in delta.read_header(blob)["tensors"]}
+    head = delta.read_header(blob)
+    start = head.pop("_payload_start")
+    head["format"] = 2
+    body = json.dumps(head, separators=(",", ":")).encode()
+    v2 = delta.MAGIC_V2 + struct.pack("<I", len(body)) + body + blob[start:]
+    if "rice" in modes:
+        with pytest.raises(delta.DeltaError, match="unknown mode"):
+            delta.apply(old, v2)
+    else:
+        assert _bits_equal(delta.apply(old, v2), new)
+    new["b"] = old["b"].clone()  # modes every format has
+    blob = delta.encode(old, new)
+    head = delta.read_header(blob)
+    start = head.pop("_payload_start")
+    head["format"] = 2
+    body = json.dumps(head, separators=(",", ":")).encode()
+    v2 = delta.MAGIC_V2 + struct.pack("<I", len(body)) + body + blob[start:]
+    assert _bits_equal(delta.apply(old, v2), new)
 
 
 def test_format_1_deltas_still_apply() -> None:

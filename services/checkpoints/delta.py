@@ -10,6 +10,7 @@ denormals survive) and writes, per tensor, the cheapest of:
 | bitmap | in base-exponent order: a bit per element (changed?) + zigzag differences of the changed |
 | xor | XOR of every element's bits (zero where unchanged) |
 | raw | the new tensor's bits (new name, or dtype/shape changed) |
+| rice | like bitmap, but which elements changed is Rice-coded per exponent class |
 
 `bitmap` (format 2) is what large tensors get: a small optimiser step moves an element
 by a few units in the last place, so `new - old` of the bits, read as an integer (mod
@@ -21,6 +22,17 @@ value (a stable sort the decoder repeats from the base): the bitmap becomes long
 nothing. Encoding picks the smaller of `bitmap` and `sparse` per tensor (`xor` when
 neither applies: a small tensor with many changes).
 
+`rice` (format 3) codes the same change map closer to its entropy. Within one exponent
+class of the base every element changes with about the same probability p (its ulp is
+the same against about the same step), so the map is a run of coin flips: per class the
+payload stores the number of changed elements and codes the gaps between the minority
+symbol (the changed elements when p <= 1/2, else the unchanged ones) with a Golomb-Rice
+code whose parameter fits that class's mean gap; a class that changed entirely or not at
+all costs nothing. Unary parts and remainders go in two separate bit streams, so both
+directions are vectorised. Rice codes of a geometric gap distribution come within a few
+percent of the binary entropy h(p) per element, where zstd over the packed bitmap pays
+for whole bytes. The differences of the changed elements follow as in `bitmap`.
+
 Payload bytes are byte-plane shuffled (all first bytes, then all second bytes, ...),
 because the XOR of two close floats is zero in its high bytes, and then compressed with
 zstd when it is installed (`compression.zstd`, `backports.zstd` or `zstandard`), zlib
@@ -29,8 +41,8 @@ result; `apply` checks both, so a delta applied to the wrong base, or a corrupte
 raises `DeltaError` instead of producing wrong weights.
 
 File layout: `MAGIC`, a little-endian u32 header length, the JSON header, the payloads.
-Format 1 (`RLFDELTA1`) has no `bitmap` mode; this module writes format 2 (`RLFDELTA2`)
-and reads both.
+Format 1 (`RLFDELTA1`) has no `bitmap` mode, format 2 (`RLFDELTA2`) no `rice` mode; this
+module writes format 3 (`RLFDELTA3`) and reads all three.
 """
 
 from __future__ import annotations
@@ -45,10 +57,14 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-MAGIC = b"RLFDELTA2\n"
-"""The magic this module writes (format 2)."""
+MAGIC = b"RLFDELTA3\n"
+"""The magic this module writes (format 3)."""
+MAGIC_V2 = b"RLFDELTA2\n"
+"""Format 2: same layout, no `rice` mode; still read."""
 MAGIC_V1 = b"RLFDELTA1\n"
 """Format 1: same layout, no `bitmap` mode; still read."""
+_FORMATS = {MAGIC_V1: 1, MAGIC_V2: 2, MAGIC: 3}
+_MODES_SINCE = {"bitmap": 2, "rice": 3}
 SPARSE_MAX_FRACTION = 0.125
 """A tensor may go sparse when at most this fraction of its elements changed."""
 BITMAP_MIN_NUMEL = 4096
@@ -188,6 +204,136 @@ def _apply_bitmap(base: np.ndarray, payload: bytes, count: int, dtype: torch.dty
     return out
 
 
+def _classes(base_sorted: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """[start, end) bounds of the exponent classes of a base already in `_order`: the
+    class boundaries, from 0 to numel (only classes that hold elements)."""
+    mbits = _MANTISSA_BITS[dtype]
+    nbits = 8 * base_sorted.dtype.itemsize
+    key = (base_sorted >> base_sorted.dtype.type(mbits)) & base_sorted.dtype.type((1 << (nbits - 1 - mbits)) - 1)
+    cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
+    return np.concatenate([[0], cuts, [key.size]]).astype(np.int64)
+
+
+def _rice_param(gaps: np.ndarray) -> int:
+    """The Rice parameter r (0..40) that codes `gaps` in the fewest bits."""
+    mean = float(gaps.mean()) if gaps.size else 0.0
+    guess = max(0, int(np.log2(mean + 1.0)))
+    best, best_bits = 0, None
+    for r in range(max(0, guess - 2), min(40, guess + 2) + 1):
+        bits = int((gaps >> np.uint64(r)).sum()) + gaps.size * (1 + r)
+        if best_bits is None or bits < best_bits:
+            best, best_bits = r, bits
+    return best
+
+
+def _rice_payload(base: np.ndarray, new: np.ndarray, dtype: torch.dtype) -> tuple[bytes, int]:
+    """`rice` payload and the changed count. Layout: per class a u32 changed count
+    (little-endian), per class a u8 Rice parameter, a u64 unary bit count, the packed
+    unary stream (per gap: q zeros then a one), the packed remainder stream (r bits per
+    gap, most significant first), the shuffled zigzag differences (as `bitmap`)."""
+    nbits = 8 * base.dtype.itemsize
+    order = _order(base, dtype)
+    assert order is not None
+    base, new = base[order], new[order]
+    changed = base != new
+    bounds = _classes(base, dtype)
+    counts = np.empty(len(bounds) - 1, dtype=np.uint32)
+    params = np.zeros(len(bounds) - 1, dtype=np.uint8)
+    unary: list[np.ndarray] = []
+    rems: list[np.ndarray] = []
+    for c in range(len(bounds) - 1):
+        seg = changed[bounds[c] : bounds[c + 1]]
+        k = int(seg.sum())
+        counts[c] = k
+        if k == 0 or k == seg.size:
+            continue
+        pos = np.flatnonzero(seg if 2 * k <= seg.size else ~seg)
+        gaps = (np.diff(pos, prepend=-1) - 1).astype(np.uint64)
+        r = _rice_param(gaps)
+        params[c] = r
+        q = (gaps >> np.uint64(r)).astype(np.int64)
+        bits = np.zeros(int(q.sum()) + q.size, dtype=bool)
+        bits[np.cumsum(q + 1) - 1] = True
+        unary.append(bits)
+        if r:
+            shifts = np.arange(r - 1, -1, -1, dtype=np.uint64)
+            rems.append(((gaps[:, None] >> shifts) & np.uint64(1)).astype(bool).reshape(-1))
+    u = np.concatenate(unary) if unary else np.zeros(0, dtype=bool)
+    rb = np.concatenate(rems) if rems else np.zeros(0, dtype=bool)
+    d = (new[changed] - base[changed]).view(f"i{base.dtype.itemsize}")
+    zz = ((d << np.int8(1).astype(d.dtype)) ^ (d >> np.int8(nbits - 1).astype(d.dtype))).view(base.dtype)
+    payload = b"".join(
+        [
+            counts.astype("<u4").tobytes(),
+            params.tobytes(),
+            struct.pack("<Q", u.size),
+            np.packbits(u).tobytes(),
+            np.packbits(rb).tobytes(),
+            _shuffle(zz.view(np.uint8), base.dtype.itemsize),
+        ]
+    )
+    return payload, int(changed.sum())
+
+
+def _apply_rice(base: np.ndarray, payload: bytes, count: int, dtype: torch.dtype, name: str) -> np.ndarray:
+    """The new elements (flat, element-sized unsigned type) from a `rice` payload."""
+    itemsize = base.dtype.itemsize
+    order = _order(base, dtype)
+    assert order is not None
+    ordered = base[order]
+    bounds = _classes(ordered, dtype)
+    n_cls = len(bounds) - 1
+    sizes = np.diff(bounds)
+    at = 5 * n_cls + 8
+    if len(payload) < at:
+        raise DeltaError(f"{name}: rice payload too short")
+    counts = np.frombuffer(payload[: 4 * n_cls], dtype="<u4").astype(np.int64)
+    params = np.frombuffer(payload[4 * n_cls : 5 * n_cls], dtype=np.uint8).astype(np.int64)
+    (n_unary,) = struct.unpack_from("<Q", payload, 5 * n_cls)
+    if (counts > sizes).any() or int(counts.sum()) != count or (params > 40).any():
+        raise DeltaError(f"{name}: rice class counts do not fit the base")
+    coded = (counts > 0) & (counts < sizes)
+    minority = np.where(2 * counts <= sizes, counts, sizes - counts) * coded
+    n_rem = int((minority * params).sum())
+    u_bytes, r_bytes = (n_unary + 7) // 8, (n_rem + 7) // 8
+    if len(payload) != at + u_bytes + r_bytes + count * itemsize:
+        raise DeltaError(f"{name}: rice payload has the wrong size")
+    u = np.unpackbits(np.frombuffer(payload[at : at + u_bytes], np.uint8), count=n_unary)
+    rb = np.unpackbits(np.frombuffer(payload[at + u_bytes : at + u_bytes + r_bytes], np.uint8), count=n_rem)
+    ends = np.flatnonzero(u)
+    if ends.size != int(minority.sum()):
+        raise DeltaError(f"{name}: rice unary stream does not match the class counts")
+    q_all = np.diff(ends, prepend=-1) - 1
+    changed = np.zeros(ordered.size, dtype=bool)
+    qi = ri = 0
+    for c in np.flatnonzero(counts):
+        lo, hi = int(bounds[c]), int(bounds[c + 1])
+        if not coded[c]:
+            changed[lo:hi] = True
+            continue
+        m, r = int(minority[c]), int(params[c])
+        q = q_all[qi : qi + m].astype(np.int64)
+        qi += m
+        rem = np.zeros(m, dtype=np.int64)
+        if r:
+            bits = rb[ri : ri + m * r].reshape(m, r).astype(np.int64)
+            ri += m * r
+            rem = bits @ (1 << np.arange(r - 1, -1, -1, dtype=np.int64))
+        pos = np.cumsum((q << r) + rem + 1) - 1
+        if pos.size and pos[-1] >= hi - lo:
+            raise DeltaError(f"{name}: rice positions run past their class")
+        seg = np.zeros(hi - lo, dtype=bool)
+        seg[pos] = True
+        changed[lo:hi] = seg if 2 * counts[c] <= sizes[c] else ~seg
+    zz = _unshuffle(payload[at + u_bytes + r_bytes :], itemsize).view(base.dtype)
+    one = base.dtype.type(1)
+    d = (zz >> one) ^ (np.zeros_like(zz) - (zz & one))
+    ordered[changed] += d
+    out = np.empty_like(base)
+    out[order] = ordered
+    return out
+
+
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the sorted names, with each tensor's dtype, shape and raw bytes."""
     h = hashlib.sha256()
@@ -240,6 +386,9 @@ def encode(
                     u = _UINT[itemsize]
                     p, count = _bitmap_payload(_raw(base).view(u), new_raw.view(u), t.dtype)
                     options.append((_compress(codec, p), p, {"mode": "bitmap", "count": count}))
+                    if t.dtype in _MANTISSA_BITS:
+                        p, count = _rice_payload(_raw(base).view(u), new_raw.view(u), t.dtype)
+                        options.append((_compress(codec, p), p, {"mode": "rice", "count": count}))
                 if not options:
                     p = _shuffle(xor, itemsize)
                     options.append((_compress(codec, p), p, {"mode": "xor"}))
@@ -253,7 +402,7 @@ def encode(
         chunks.append(data)
         entries.append(entry)
     header = {
-        "format": 2,
+        "format": 3,
         "codec": codec,
         "base_sha256": old_sha256 or weights_sha256(old),
         "new_sha256": new_sha256 or weights_sha256(new),
@@ -265,7 +414,7 @@ def encode(
 
 def read_header(delta: bytes) -> dict:
     """The JSON header of a delta (raises `DeltaError` when it is not one)."""
-    if not (delta.startswith(MAGIC) or delta.startswith(MAGIC_V1)) or len(delta) < len(MAGIC) + 4:
+    if not any(delta.startswith(m) for m in _FORMATS) or len(delta) < len(MAGIC) + 4:
         raise DeltaError("not an rlfeed delta (bad magic)")
     (n,) = struct.unpack_from("<I", delta, len(MAGIC))
     start = len(MAGIC) + 4
@@ -286,7 +435,8 @@ def apply(
 
     Checks the base checksum first and the result's checksum last; raises `DeltaError`."""
     header = read_header(delta)
-    if header.get("format", 1) != (1 if delta.startswith(MAGIC_V1) else 2):
+    fmt = _FORMATS[delta[: len(MAGIC)]]
+    if header.get("format", 1) != fmt:
         raise DeltaError(f"delta format {header.get('format')!r} does not match its magic")
     if verify_base and weights_sha256(old) != header.get("base_sha256"):
         raise DeltaError("delta does not apply to these weights (base checksum differs)")
@@ -329,9 +479,13 @@ def apply(
                 flat = base_raw.reshape(-1, itemsize).copy()
                 flat[idx] ^= values
                 out[e["name"]] = _tensor(flat.reshape(-1), dtype, shape)
-            elif mode == "bitmap" and itemsize in _UINT and not delta.startswith(MAGIC_V1):
+            elif mode == "bitmap" and itemsize in _UINT and fmt >= _MODES_SINCE["bitmap"]:
                 u = _UINT[itemsize]
                 new_flat = _apply_bitmap(base_raw.view(u), payload, int(e["count"]), dtype, e["name"])
+                out[e["name"]] = _tensor(new_flat.view(np.uint8), dtype, shape)
+            elif mode == "rice" and itemsize in _UINT and dtype in _MANTISSA_BITS and fmt >= _MODES_SINCE["rice"]:
+                u = _UINT[itemsize]
+                new_flat = _apply_rice(base_raw.view(u), payload, int(e["count"]), dtype, e["name"])
                 out[e["name"]] = _tensor(new_flat.view(np.uint8), dtype, shape)
             else:
                 raise DeltaError(f"{e['name']}: unknown mode {mode!r}")

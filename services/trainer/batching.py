@@ -26,6 +26,11 @@ class Collated:
     attention_mask: torch.Tensor  # (B, L) long
     completion_mask: torch.Tensor  # (B, L-1) float, 1 on completion tokens
     sampler_logp: torch.Tensor  # (B, L-1) float, the sampler's logprob on completion tokens
+    ref_logp: torch.Tensor | None = None
+    """(B, L-1) float: the frozen reference's logprobs, computed ahead by the pipeline
+    stage (rows where `ref_ready` is False hold zeros and are computed at the step)."""
+    ref_ready: torch.Tensor | None = None
+    """(B,) bool: rows of `ref_logp` that were computed."""
 
     def rows(self, idx: list[int]) -> Collated:
         """The given rows, with padding columns no row needs trimmed off."""
@@ -37,6 +42,26 @@ class Collated:
             attn[:, :length],
             self.completion_mask[ix, : length - 1],
             self.sampler_logp[ix, : length - 1],
+            None if self.ref_logp is None else self.ref_logp[ix, : length - 1],
+            None if self.ref_ready is None else self.ref_ready[ix],
+        )
+
+    def has_reference(self) -> bool:
+        """Whether every row's reference logprobs are already here."""
+        return self.ref_ready is not None and self.ref_logp is not None and bool(self.ref_ready.all())
+
+    def to(self, device: torch.device) -> Collated:
+        """The same tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Collated(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.completion_mask),
+            move(self.sampler_logp),
+            move(self.ref_logp),
+            move(self.ref_ready),
         )
 
     @property
@@ -76,6 +101,27 @@ def is_heldout(generation_id: str, every: int) -> bool:
 def prompt_key(sample: SampleEvent) -> bytes:
     """The group a sample belongs to for group-relative advantages: its prompt tokens."""
     return hashlib.blake2b(repr(sample.prompt_token_ids).encode(), digest_size=16).digest()
+
+
+def may_train(rewards: list[float], groups: list[bytes]) -> list[bool]:
+    """Per sample: can it get a nonzero advantage? False only for a member of a group of
+    two or more whose rewards are all equal (group-relative advantage 0 whatever the
+    baseline); the pipeline skips the reference's forward for those rows."""
+    members: dict[bytes, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    out = [True] * len(rewards)
+    for idx in members.values():
+        if len(idx) >= 2 and len({rewards[i] for i in idx}) == 1:
+            for i in idx:
+                out[i] = False
+    return out
+
+
+def shortest_first(lengths: list[int]) -> list[int]:
+    """Indices of `lengths` from the shortest to the longest (stable): micro-batches cut
+    from that order pad each row to a length close to its own."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 def too_stale(policy_version: int, current_version: int, max_staleness_versions: int) -> bool:

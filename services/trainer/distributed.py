@@ -66,6 +66,12 @@ class StepWork:
     """Completion tokens of the whole step: every micro-batch's loss is divided by it."""
 
 
+@dataclass
+class Reload:
+    """Broadcast by rank 0 instead of a StepWork when it reloaded weights (a followed
+    rollback): every rank then takes rank 0's weights and fresh optimiser state."""
+
+
 def world_size_from_env() -> int:
     """WORLD_SIZE as torchrun sets it (1 when unset)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -123,9 +123,10 @@ def sampler(model: torch.nn.Module, eos_ids: set[int], pad: int, s: TrainerSetti
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             attn[i, width - len(p) :] = 1
+        dev = policy.device_of(model)
         out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
+            input_ids=ids.to(dev),
+            attention_mask=attn.to(dev),
             do_sample=True,
             temperature=s.gate_temperature,
             top_p=1.0,

@@ -15,6 +15,13 @@ Each step, in this order:
 5. checkpoint when due (weights + optimiser + offsets together, atomically);
 6. publish when due: gate -> store (artifact, then manifest) -> model-updates.v1 ->
    checkpoint (so the new parent version is remembered).
+Between steps: follow a rollback (services.trainer.lineage) by reloading the version now
+served, with a fresh optimiser, and publishing its children from then on.
+
+The pipeline stage (the reader's thread when `pipelined`, inline otherwise) decodes,
+batches, pads, and computes the frozen reference's logprobs for the KL term (forward
+only, skipping rows that cannot get a nonzero advantage), so the optimiser's thread only
+runs the policy's forward/backward and the AdamW step.
 Stop (SIGINT/SIGTERM): finish the current step, checkpoint, close.
 """
 
@@ -32,13 +39,13 @@ import torch
 from confluent_kafka import Producer
 
 from schemas.codec import decode, encode, key_of
-from schemas.events import ModelUpdateEvent, SampleEvent
+from schemas.events import ModelUpdateEvent, RolloutEvent, SampleEvent
 from schemas.topics import MODEL_UPDATES, SAMPLES
 from services.checkpoints.store import CheckpointStore
 from services.kafka.producers import producer_config
 from services.logs import event
-from services.trainer import distributed, gate, losses, policy, state
-from services.trainer.batching import Batch, prompt_key, too_stale
+from services.trainer import distributed, gate, lineage, losses, policy, state
+from services.trainer.batching import Batch, may_train, prompt_key, shortest_first, too_stale
 from services.trainer.reader import SampleReader
 from services.trainer.settings import TrainerSettings
 
@@ -73,7 +80,10 @@ class Trainer:
         self.producer = Producer({**producer_config(bootstrap, s), "linger.ms": 5})
 
         # 1. version 0 and the frozen reference.
+        self.device = policy.resolve_device(s.trainer_device, torch.cuda.is_available())
+        self.bf16 = policy.use_bf16(s.trainer_bf16, self.device)
         self.model, self.tokenizer = policy.load(Path(s.model_dir))
+        self.model.to(self.device)
         self.pad_id = policy.pad_id(self.tokenizer)
         self.eos_ids = _ids(self.tokenizer.eos_token_id) | _ids(self.model.generation_config.eos_token_id)
         if not self.store.has_version(s.model_name, 0):
@@ -109,8 +119,12 @@ class Trainer:
                 published_version=meta.published_version,
                 pid=os.getpid(),
             )
-        latest = self.store.latest_version(s.model_name)
-        self.meta.published_version = latest if latest is not None else 0
+        latest = self.store.latest_version(s.model_name) or 0
+        latest_at = self.store.manifest(s.model_name, latest).event_time_ms
+        if self.meta.lineage_since_ms <= latest_at:
+            # Build on the newest version, unless this trainer followed a rollback after
+            # it was published (then its checkpoint's parent stands).
+            self.meta.published_version, self.meta.lineage_since_ms = latest, latest_at
         self.heldout: deque[SampleEvent] = deque(
             (SampleEvent.model_validate(x) for x in self.meta.heldout), maxlen=s.gate_heldout_samples
         )
@@ -124,11 +138,29 @@ class Trainer:
         if group is not None:
             distributed.sync_start(self.model, self.optimizer, self.reference, group)
 
-        # 3. the stream.
+        self.stats = {
+            "steps": 0,
+            "samples": 0,
+            "optimizer_steps": 0,
+            "wait_s": 0.0,
+            "step_s": 0.0,
+            "prepare_s": 0.0,
+            "ref_rows": 0,
+            "ref_rows_skipped": 0,
+            "rollbacks_followed": 0,
+        }
+        # 3. rollbacks that happened while the trainer was away, then the stream.
+        self.watcher = lineage.UpdateWatcher(s, bootstrap) if s.follow_rollbacks else None
+        if self.watcher is not None:
+            self._follow_rollbacks(self.watcher.catch_up())
         self.reader = SampleReader(
-            s, bootstrap, self.meta.offsets, current_version=lambda: self.meta.published_version, pad_id=self.pad_id
+            s,
+            bootstrap,
+            self.meta.offsets,
+            current_version=lambda: self.meta.published_version,
+            pad_id=self.pad_id,
+            prepare=self.prepare,
         )
-        self.stats = {"steps": 0, "samples": 0, "optimizer_steps": 0, "wait_s": 0.0, "step_s": 0.0}
         self.feedback_to_training_ms: deque[int] = deque(maxlen=s.trainer_latency_window)
         """Per trained sample: when its optimiser step began minus its first feedback's event time."""
 
@@ -147,6 +179,8 @@ class Trainer:
         started = time.monotonic()
         try:
             while not self.stop.is_set():
+                if self.watcher is not None:
+                    self._follow_rollbacks(self.watcher.poll())
                 t0 = time.monotonic()
                 batch = self.reader.get(0.2) if s.pipelined else self.reader.next_batch(self.stop)
                 self.stats["wait_s"] += time.monotonic() - t0
@@ -172,6 +206,8 @@ class Trainer:
             # a supervisor's grace period, and the counters must not die with it.
             event(log, "trainer_stopped", **self.stats)
             self.reader.close()
+            if self.watcher is not None:
+                self.watcher.close()
             self.checkpoint("shutdown")
             if self.group is not None:
                 distributed.broadcast_object(None, self.group)
@@ -179,6 +215,31 @@ class Trainer:
             if self.ledger is not None:
                 self.ledger.close()
         return self.stats
+
+    def prepare(self, batch: Batch) -> None:
+        """The pipeline stage's share of a step: the frozen reference's logprobs of the
+        rows that may train (no gradient; micro-batches of `trainer_micro_batch_size`)."""
+        col = batch.collated
+        if self.reference is None or col is None:
+            return
+        t0 = time.monotonic()
+        keep = may_train([x.reward for x in batch.samples], [prompt_key(x) for x in batch.samples])
+        rows = [i for i, k in enumerate(keep) if k]
+        rows = [rows[j] for j in shortest_first([int(n) for n in col.attention_mask[rows].sum(dim=1)])]
+        ref = torch.zeros_like(col.sampler_logp)
+        ready = torch.zeros(len(batch.samples), dtype=torch.bool)
+        size = self.settings.trainer_micro_batch_size
+        for lo in range(0, len(rows), size):
+            idx = rows[lo : lo + size]
+            part = col.rows(idx)
+            with torch.no_grad(), policy.autocast(self.device, self.bf16):
+                lp = policy.token_logprobs(self.reference, part.input_ids, part.attention_mask, part.completion_mask)
+            ref[torch.tensor(idx), : lp.shape[1]] = lp.float()
+            ready[torch.tensor(idx)] = True
+        col.ref_logp, col.ref_ready = ref, ready
+        self.stats["prepare_s"] += time.monotonic() - t0
+        self.stats["ref_rows"] += len(rows)
+        self.stats["ref_rows_skipped"] += len(keep) - len(rows)
 
     def step(self, batch: Batch) -> dict[str, float]:
         """Train on one batch and record its offsets as consumed."""
@@ -239,11 +300,15 @@ class Trainer:
 
     def _optimise(self, batch: Batch, rows: list[int], adv: list[float]) -> dict[str, float]:
         assert batch.collated is not None
+        # Shortest first: each micro-batch then pads to a length close to its own rows'
+        # (the loss is a mean over the step's tokens, so the order does not change it).
+        order = shortest_first([int(n) for n in batch.collated.attention_mask[rows].sum(dim=1)])
+        rows, adv = [rows[j] for j in order], [adv[j] for j in order]
         col = batch.collated.rows(rows)
         work = distributed.StepWork(col, torch.tensor(adv, dtype=torch.float32), max(col.n_tokens, 1))
         if self.group is not None:
             distributed.broadcast_object(work, self.group)
-        totals = accumulate_gradients(self.model, self.reference, work, self.settings, self.group)
+        totals = accumulate_gradients(self.model, self.reference, work, self.settings, self.group, self.bf16)
         totals["grad_norm"] = optimizer_step(self.model, self.optimizer, self.settings.grad_clip_norm, self.group)
         self.meta.optimizer_steps += 1
         self.stats["optimizer_steps"] += 1
@@ -289,7 +354,7 @@ class Trainer:
     def _ensure_parent(self) -> torch.nn.Module:
         """The latest published version's weights in a frozen model (delta base, KL parent)."""
         s = self.settings
-        latest = self.store.latest_version(s.model_name) or 0
+        latest = self.meta.published_version
         if self.parent is None or self.parent_version != latest:
             have = None
             if self.parent is not None and self.parent_version is not None:
@@ -345,7 +410,9 @@ class Trainer:
                     **figures,
                 )
                 return None
-        version = parent_version + 1
+        # Numbers stay unique after a rollback: the child of version 2 published when the
+        # store already holds 5 is 6 (parent 2).
+        version = max(parent_version, self.store.latest_version(s.model_name) or 0) + 1
         full = version % s.full_snapshot_every_versions == 0
         weights = policy.copy_weights(self.model)
         ev = self.store.publish(
@@ -361,6 +428,7 @@ class Trainer:
         policy.load_weights(parent, weights)
         self.parent_version = version
         m.published_version = version
+        m.lineage_since_ms = ev.event_time_ms
         m.counters["published"] = m.counters.get("published", 0) + 1
         event(
             log,
@@ -375,6 +443,52 @@ class Trainer:
         )
         self.checkpoint("published")
         return ev
+
+    def _follow_rollbacks(self, events: list[ModelUpdateEvent | RolloutEvent]) -> None:
+        """Reload the served version when an event abandons the one the trainer builds on."""
+        for ev in events:
+            chain = lineage.ancestry(self.meta.published_version, self._parent_of)
+            target = lineage.rollback_target(ev, self.settings.model_name, chain, self.meta.lineage_since_ms)
+            if target is not None:
+                self.reload(target, ev.event_time_ms, reason=type(ev).__name__)
+
+    def _parent_of(self, version: int) -> int | None:
+        try:
+            return self.store.manifest(self.settings.model_name, version).parent_version
+        except Exception:  # a version the store does not hold ends the chain
+            return None
+
+    def reload(self, version: int, since_ms: int, reason: str = "rollback") -> None:
+        """Continue from published `version`: its weights, a fresh optimiser (the
+        abandoned trajectory's moments do not apply), `version` as the parent of the next
+        publish; then a checkpoint, so a restart keeps following it."""
+        s, m = self.settings, self.meta
+        abandoned = m.published_version
+        weights = self.store.materialize(s.model_name, version)
+        policy.load_weights(self.model, weights)
+        self.optimizer = new_optimizer(self.model, s)
+        if self.group is not None:
+            distributed.broadcast_object(distributed.Reload(), self.group)
+            distributed.sync_start(self.model, self.optimizer, None, self.group)
+        if self.parent is not None:
+            policy.load_weights(self.parent, weights)
+            self.parent_version = version
+        m.published_version, m.lineage_since_ms = version, since_ms
+        m.steps_since_publish = m.samples_since_publish = 0
+        m.counters["rollbacks_followed"] = m.counters.get("rollbacks_followed", 0) + 1
+        self.stats["rollbacks_followed"] += 1
+        self.last_publish_at = time.monotonic()
+        event(
+            log,
+            "rollback_followed",
+            logging.WARNING,
+            model=s.model_name,
+            version=version,
+            abandoned_version=abandoned,
+            cause=reason,
+            step=m.step,
+        )
+        self.checkpoint("rollback")
 
     def _produce_update(self, ev: ModelUpdateEvent) -> None:
         topic = MODEL_UPDATES.full_name(self.settings.topic_prefix)
@@ -407,18 +521,26 @@ def accumulate_gradients(
     work: distributed.StepWork,
     s: TrainerSettings,
     group: distributed.Group | None,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Forward and backward this rank's micro-batches of one step (every micro-batch in
-    a single process); return the loss figures of those micro-batches."""
-    col, adv_t, n_tokens = work.collated, work.advantages, work.n_tokens
+    a single process); return the loss figures of those micro-batches. The reference's
+    logprobs come with the batch when the pipeline stage computed them."""
+    col, n_tokens = work.collated, work.n_tokens
+    device = policy.device_of(model)
+    adv_t = work.advantages.to(device)
     totals: dict[str, float] = {}
     for lo, hi in distributed.micro_batches(len(adv_t), s.trainer_micro_batch_size, group):
-        part = col.rows(list(range(lo, hi)))
-        logp = policy.token_logprobs(model, part.input_ids, part.attention_mask, part.completion_mask)
+        part = col.rows(list(range(lo, hi))).to(device)
+        with policy.autocast(device, bf16):
+            logp = policy.token_logprobs(model, part.input_ids, part.attention_mask, part.completion_mask)
         ref = None
         if reference is not None:
-            with torch.no_grad():
-                ref = policy.token_logprobs(reference, part.input_ids, part.attention_mask, part.completion_mask)
+            if part.has_reference():
+                ref = part.ref_logp
+            else:
+                with torch.no_grad(), policy.autocast(device, bf16):
+                    ref = policy.token_logprobs(reference, part.input_ids, part.attention_mask, part.completion_mask)
         loss, st = losses.total_loss(
             logp,
             part.sampler_logp,
@@ -460,14 +582,21 @@ def follow(settings: TrainerSettings, group: distributed.Group) -> torch.nn.Modu
     assert s.model_dir is not None
     torch.set_num_threads(s.trainer_torch_threads)
     torch.manual_seed(s.seed)
+    device = policy.resolve_device(s.trainer_device, torch.cuda.is_available())
+    bf16 = policy.use_bf16(s.trainer_bf16, device)
     model, _ = policy.load(Path(s.model_dir))
+    model.to(device)
     reference = policy.frozen_copy(model) if s.kl_coef > 0 else None
     model.train()
     optimizer = new_optimizer(model, s)
     distributed.sync_start(model, optimizer, reference, group)
     steps = 0
     while (work := distributed.broadcast_object(None, group)) is not None:
-        accumulate_gradients(model, reference, work, s, group)
+        if isinstance(work, distributed.Reload):  # rank 0 followed a rollback
+            optimizer = new_optimizer(model, s)
+            distributed.sync_start(model, optimizer, None, group)
+            continue
+        accumulate_gradients(model, reference, work, s, group, bf16)
         optimizer_step(model, optimizer, s.grad_clip_norm, group)
         steps += 1
     event(log, "follower_stopped", rank=group.rank, optimizer_steps=steps)

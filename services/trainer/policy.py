@@ -3,6 +3,7 @@ checkpoint format (tied tensors once, as `save_pretrained` writes them)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -15,6 +16,33 @@ def load(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model, tokenizer
+
+
+def resolve_device(setting: str, cuda_available: bool) -> torch.device:
+    """The device of the `trainer_device` setting: `auto` is cuda when available, else cpu;
+    an explicit cuda device without a GPU is an error naming the setting."""
+    if setting == "auto":
+        return torch.device("cuda" if cuda_available else "cpu")
+    if setting.startswith("cuda") and not cuda_available:
+        raise ValueError(f"trainer_device={setting!r} but torch sees no CUDA device")
+    return torch.device(setting)
+
+
+def use_bf16(setting: bool | None, device: torch.device) -> bool:
+    """Whether forward/backward run under bf16 autocast (`trainer_bf16`; None: on cuda only)."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when `bf16`, else nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are."""
+    return next(model.parameters()).device
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -37,8 +65,8 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def copy_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of `weights(model)`."""
-    return {k: v.clone() for k, v in weights(model).items()}
+    """A detached copy of `weights(model)`, on the CPU (the store's and the codec's side)."""
+    return {k: v.to("cpu", copy=True) for k, v in weights(model).items()}
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -55,6 +83,7 @@ def frozen_copy(model: PreTrainedModel, state: dict[str, torch.Tensor] | None = 
     `state` (default: the model's current weights)."""
     clone = type(model)(model.config)
     clone.load_state_dict(model.state_dict())
+    clone.to(device_of(model))
     if state is not None:
         load_weights(clone, state)
     clone.eval()
@@ -69,15 +98,17 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log p(token j+1 | tokens <= j) for every position j: shape (B, L-1).
+    """log p(token j+1 | tokens <= j) for every position j: shape (B, L-1), on the device
+    of the inputs (they are moved to the model's device for the forward).
 
     With `mask` (B, L-1), only the masked positions go through the output layer (the
     vocabulary-sized logits dominate memory); the others are 0."""
     if mask is None:
         mask = attention_mask[:, 1:].float()
+    home, dev = input_ids.device, device_of(model)
+    input_ids, attention_mask, sel = input_ids.to(dev), attention_mask.to(dev), mask.to(dev).bool()
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    sel = mask.bool()
     logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][sel]).float()
-    out = torch.zeros(mask.shape, dtype=logits.dtype)
+    out = torch.zeros(sel.shape, dtype=logits.dtype, device=dev)
     out[sel] = -F.cross_entropy(logits, input_ids[:, 1:][sel], reduction="none")
-    return out
+    return out.to(home)

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
@@ -31,7 +32,7 @@ class SampleReader:
     """Consumes samples.v1 from given offsets and cuts it into batches.
 
     `next_batch` is the synchronous path; `start` runs it in a thread that keeps up to
-    `prefetch` collated batches ready in `ready` (the pipelined path)."""
+    `prefetch` collated (and prepared) batches ready in `ready` (the pipelined path)."""
 
     def __init__(
         self,
@@ -42,8 +43,12 @@ class SampleReader:
         current_version: Callable[[], int],
         pad_id: int,
         prefetch: int = 2,
+        prepare: Callable[[Batch], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.prepare = prepare
+        """Run on every collated batch before it is handed out (the reference's logprobs):
+        on the reader thread when pipelined, inline in `next_batch` otherwise."""
         self.topic = SAMPLES.full_name(settings.topic_prefix)
         self.dlq_topic = DLQ.full_name(settings.topic_prefix)
         self.current_version = current_version
@@ -100,6 +105,8 @@ class SampleReader:
         batch.offsets_after = dict(self.position)
         if batch.samples:
             batch.collated = collate(batch.samples, s.max_seq_tokens, self.pad_id)
+            if self.prepare is not None:
+                self.prepare(batch)
         return batch
 
     def _take(self, batch: Batch, msg) -> None:
@@ -137,6 +144,8 @@ class SampleReader:
         self._thread.start()
 
     def _run(self) -> None:
+        # OpenMP's thread count is per thread: give this one the trainer's, not the default.
+        torch.set_num_threads(self.settings.trainer_torch_threads)
         try:
             while not self._stop.is_set():
                 batch = self.next_batch(self._stop)

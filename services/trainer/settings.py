@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from services.config import RlfeedSettings
+from services.config import RlfeedSettings, StoreLocation
 
 
 class TrainerSettings(RlfeedSettings):
@@ -17,8 +17,9 @@ class TrainerSettings(RlfeedSettings):
     """Name of the policy (the key of model-updates.v1; samples of other models are skipped)."""
     model_dir: Path | None = None
     """HF model directory of version 0; unset: `default_model_dir` (`rlfeed model build`)."""
-    checkpoint_dir: Path | None = None
-    """Root of the checkpoint store that replicas read (the same setting as theirs);
+    checkpoint_dir: StoreLocation | None = None
+    """Root of the checkpoint store that replicas read (the same setting as theirs): a
+    directory or an fsspec URL (`s3://bucket/prefix` with the checkpoint_s3_* settings);
     unset: `<home_dir>/checkpoints`."""
     trainer_state_dir: Path | None = None
     """Where the trainer's own resumable checkpoints go; unset: `<home_dir>/trainer`."""
@@ -58,7 +59,20 @@ class TrainerSettings(RlfeedSettings):
     """torch intra-op threads of the trainer (it shares the cores with the replicas,
     whose own knob is `torch_threads`)."""
     pipelined: bool = True
-    """Read, decode and batch in a background thread while the optimiser steps."""
+    """Read, decode, batch and compute the frozen reference's logprobs (the KL term:
+    forward only) in a background thread while the optimiser runs the policy's
+    forward/backward. That thread uses `trainer_torch_threads` intra-op threads too."""
+    trainer_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    """Where the policy and the reference model live: `auto` is cuda when torch sees a
+    GPU, else cpu; `cpu`, `cuda` or `cuda:N` force it."""
+    trainer_bf16: bool | None = None
+    """bf16 autocast of the forward/backward passes (fp32 master weights and optimiser
+    state either way; published weights stay fp32). None: on for cuda, off for cpu
+    (measured slower on CPUs without native bf16, see bench/trainer.py)."""
+    follow_rollbacks: bool = True
+    """Watch model-updates.v1 (`rollback: true`) and rollouts.v1 (`decision: rollback`):
+    when the version the trainer builds on is abandoned, reload the version now served
+    and publish its children from then on."""
     trainer_dist_timeout_s: float = Field(86_400.0, gt=0)
     """Data-parallel runs (torchrun, WORLD_SIZE > 1): longest one collective may wait. The
     other ranks wait in a broadcast while rank 0 waits for samples, gates or checkpoints,
@@ -139,7 +153,7 @@ class TrainerSettings(RlfeedSettings):
         if self.model_dir is None:
             self.model_dir = self.default_model_dir
         if self.checkpoint_dir is None:
-            self.checkpoint_dir = self.home_dir / "checkpoints"
+            self.checkpoint_dir = str(self.home_dir / "checkpoints")
         if self.trainer_state_dir is None:
             self.trainer_state_dir = self.home_dir / "trainer"
         if self.trainer_micro_batch_size > self.trainer_batch_size:

@@ -41,7 +41,11 @@ class TrainerMeta:
     offsets: dict[int, int] = field(default_factory=dict)
     """Next offset to read, per partition of `topic`."""
     published_version: int = 0
-    """The latest version in the store when this checkpoint was written."""
+    """The version the weights build on (their parent): the latest one this trainer
+    published, or the one it reloaded when following a rollback."""
+    lineage_since_ms: int = 0
+    """When the trainer adopted `published_version` (ms since the epoch): rollbacks
+    older than this are history (services.trainer.lineage)."""
     baseline: float | None = None
     samples_trained: int = 0
     counters: dict[str, int] = field(default_factory=dict)
@@ -82,7 +86,7 @@ def save(folder: Path, meta: TrainerMeta, weights: dict[str, torch.Tensor], opti
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     torch.save(optimizer, tmp / "optimizer.pt")
     (tmp / "meta.json").write_bytes(meta.to_json())
     for f in tmp.iterdir():
