@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--direct-events", type=int, default=100_000, help="events for the aiokafka comparison")
     args = ap.parse_args()
 
-    from services.gateway.keys import create_key
+    from services.apikeys import create_key
     from services.kafka.embedded import EmbeddedBroker, free_port
     from services.kafka.topics import ensure_topics
     from services.kafka.url import bootstrap_servers

@@ -24,6 +24,9 @@ MAX_TEXT_CHARS = 200_000
 MAX_TOKENS = 32_768
 MAX_ID_CHARS = 128
 MAX_COMPONENTS = 64
+MAX_SAFE_INT = 2**53 - 1
+"""Upper bound of every unbounded integer: exact in JSON doubles, and always encodable by
+orjson (a hostile 2**64 would otherwise crash whoever re-emits the event)."""
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:@/+=-]+$")]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
@@ -70,7 +73,7 @@ class SamplingParams(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=10.0, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 256
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT)] | None = None
 
 
 class FinishReason(StrEnum):
@@ -89,7 +92,7 @@ class GenerationEvent(Event):
     """Id the app attaches feedback to; the Kafka key."""
     model: Id
     """Name of the policy model (the key of model-updates.v1)."""
-    policy_version: Annotated[int, Field(ge=0)]
+    policy_version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
     """Version of the weights that produced the completion."""
     prompt: Text
     """The prompt as text (after the chat template)."""
@@ -193,7 +196,7 @@ class SampleEvent(Event):
 
     generation_id: Id
     model: Id
-    policy_version: Annotated[int, Field(ge=0)]
+    policy_version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
     prompt: Text
     completion: Text
     prompt_token_ids: TokenIds
@@ -224,18 +227,18 @@ class ModelUpdateEvent(Event):
     """A new policy version that replicas should load. Compacted by model name."""
 
     model: Id
-    version: Annotated[int, Field(ge=0)]
-    parent_version: Annotated[int, Field(ge=0)] | None = None
+    version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
+    parent_version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)] | None = None
     artifact_kind: ArtifactKind
     artifact_url: Annotated[str, Field(min_length=1, max_length=2048)]
     """Where the artifact lies inside the checkpoint store (a relative path or an URL)."""
-    base_version: Annotated[int, Field(ge=0)] | None = None
+    base_version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)] | None = None
     """For a delta: the version it applies to."""
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     """Checksum of the artifact bytes."""
     weights_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     """Checksum of the reconstructed weights, so replicas verify bit-exactness."""
-    size_bytes: Annotated[int, Field(ge=0)]
+    size_bytes: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
     eval_metrics: Metrics = Field(default_factory=dict)
     """The eval gate's figures for this version."""
     rollback: bool = False
@@ -261,13 +264,13 @@ class VersionTraffic(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Annotated[int, Field(ge=0)]
-    requests: Annotated[int, Field(ge=0)] = 0
+    version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
+    requests: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)] = 0
     """Requests the engine ran on this version."""
-    failures: Annotated[int, Field(ge=0)] = 0
+    failures: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)] = 0
     """Of those, the ones that failed in the engine (the client got an error)."""
     latency_ms_buckets: Annotated[
-        dict[Annotated[str, Field(max_length=32)], Annotated[int, Field(ge=0)]], Field(max_length=128)
+        dict[Annotated[str, Field(max_length=32)], Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]], Field(max_length=128)
     ] = Field(default_factory=dict)
     """Answered requests by latency (request to last token), keyed by the bucket's upper
     bound in ms (`inf` for the last); buckets with no request are left out
@@ -279,12 +282,12 @@ class ReplicaStatusEvent(Event):
 
     replica_id: Id
     model: Id
-    version: Annotated[int, Field(ge=0)]
+    version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
     state: ReplicaState
     engine: Literal["transformers", "vllm"]
     url: Annotated[str, Field(max_length=2048)] | None = None
     error: Text | None = None
-    requests_total: Annotated[int, Field(ge=0)] = 0
+    requests_total: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)] = 0
     started_ms: TimeMs | None = None
     """When this replica process started: its counters (`traffic`) count from then."""
     traffic: Annotated[list[VersionTraffic], Field(max_length=16)] = Field(default_factory=list)
@@ -296,8 +299,8 @@ class DeadLetterEvent(Event):
     """Input someone rejected, with the reason and the original bytes (base64)."""
 
     source_topic: Annotated[str, Field(min_length=1, max_length=256)]
-    source_partition: Annotated[int, Field(ge=-1)] = -1
-    source_offset: Annotated[int, Field(ge=-1)] = -1
+    source_partition: Annotated[int, Field(ge=-1, le=MAX_SAFE_INT)] = -1
+    source_offset: Annotated[int, Field(ge=-1, le=MAX_SAFE_INT)] = -1
     """-1 when the input did not come from Kafka (e.g. the gateway)."""
     key_b64: str | None = None
     """The original message key, base64."""
@@ -320,8 +323,8 @@ class RolloutEvent(Event):
     """The traffic split for a model: which version is stable, which is the candidate."""
 
     model: Id
-    stable_version: Annotated[int, Field(ge=0)]
-    candidate_version: Annotated[int, Field(ge=0)] | None = None
+    stable_version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]
+    candidate_version: Annotated[int, Field(ge=0, le=MAX_SAFE_INT)] | None = None
     candidate_traffic: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
     """Share of new users sent to the candidate."""
     decision: RolloutDecision

@@ -1,152 +1,377 @@
-"""A fast, strict decoder for the stream join's two inputs, generations.v1 and feedback.v1.
+"""Fast, strict decoders of the contract's events: msgspec structs derived from the
+pydantic models of `schemas.events`, the one fast decoder of the project.
 
-The pydantic models in `schemas.events` stay the contract (and the JSON Schema); the
-msgspec Structs here mirror `GenerationEvent` (with `SamplingParams`) and `FeedbackEvent`
-field for field: same names, types, defaults, bounds, patterns and cross-field rules.
-msgspec is stricter than pydantic's lax mode (no numeric strings, no `3.0` for an int,
-no `1` for a bool, no integers beyond 64 bits), so its rule is:
+The pydantic models stay the contract (and the JSON Schema), but pydantic costs 10-40 µs
+per event, more than what the stream join or the sink then does with it. `struct_of(model)`
+derives, once per model, a msgspec struct with the same fields, types, bounds, patterns,
+defaults, unknown-field rule and properties, whose `__post_init__` runs the model's own
+`after` validators; msgspec checks all of it in C while it parses. Being derived, the
+structs follow every schema change without a hand-written copy to keep in step.
 
-    the fast path accepts only what the pydantic model accepts, with the same values.
+The rule: the fast path is never more lenient than the model. Where the two could
+differ, msgspec is the stricter (no lax coercions such as "5" -> 5, integers within 64
+bits, `$` anchors made absolute). Anything it refuses goes to pydantic
+(`model_validate_json`, then `schemas.codec.decode`), which gives the verdict and the
+`InvalidEvent` naming the field: `decode_generation` and `decode_feedback` therefore
+accept and reject exactly what pydantic does. Input that only pydantic's lax mode accepts
+comes back as the pydantic model, which has the same attributes as the struct.
 
-Everything the fast path refuses goes to `schemas.codec.decode` (pydantic), which gives
-the verdict and the error naming the field. `decode_generation` and `decode_feedback`
-therefore accept and reject exactly what pydantic does, with the same `InvalidEvent`;
-tests/test_schemas_fast.py checks both directions with hypothesis (valid events, and
-events broken field by field). Input that only pydantic's lax mode accepts comes back
-as the pydantic model, which has the same attributes as the Struct.
+A model using something the translation does not know (an alias, a field validator, a
+before-validator, an unknown constraint) gets no fast decoder (`fast_decoder` -> None):
+its users validate with pydantic. tests/test_schemas_fast.py checks both directions with
+hypothesis, for every public topic.
 
-Ids use `\\A...\\Z` where the pydantic pattern says `^...$`: Python's `$` also matches
-before a trailing newline, the Rust regex pydantic runs does not.
+Users: the stream join (streams/join.py, streams/changelog.py) and the sink
+(services/sink/worker.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import enum
+import operator
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types as at
 import msgspec
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from schemas import events as ev
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, decode
 
-_ID_PATTERN = r"\A[A-Za-z0-9._:@/+=-]+\Z"
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=ev.MAX_ID_CHARS, pattern=_ID_PATTERN)]
-Text = Annotated[str, msgspec.Meta(max_length=ev.MAX_TEXT_CHARS)]
-TimeMs = Annotated[int, msgspec.Meta(ge=0, le=10**14)]
-TokenIds = Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=2**31)]], msgspec.Meta(max_length=ev.MAX_TOKENS)]
-Logprobs = Annotated[list[Annotated[float, msgspec.Meta(le=0.0, ge=-1e4)]], msgspec.Meta(max_length=ev.MAX_TOKENS)]
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
-FeedbackKindName = Literal["thumb", "rating", "accept", "reject", "edit", "copy", "regenerate", "dwell"]
-_TERMINAL = frozenset(("accept", "reject"))
-_NO_VALUE = frozenset(("accept", "reject", "copy", "regenerate"))
 
-# Floats need no allow_inf_nan check: msgspec rejects NaN/Infinity literals and numbers
-# that overflow a double, so every float it returns is finite.
+class Unsupported(TypeError):
+    """The model uses something the translation does not handle (the sink uses pydantic)."""
 
 
-class FastSamplingParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
-    """Mirror of `schemas.events.SamplingParams`."""
-
-    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=ev.MAX_TOKENS)] = 256
-    seed: int | None = None
+FLOAT_MAX = sys.float_info.max
+_CHARSET = re.compile(r"\^\[([^\]\\\n]+)\]\+\$")
+"""A pattern that is one character class repeated (ids): `^[A-Za-z0-9._-]+$`."""
+_CONSTRAINTS = {at.Ge: "ge", at.Gt: "gt", at.Le: "le", at.Lt: "lt", at.MinLen: "min_length", at.MaxLen: "max_length"}
 
 
-class FastGeneration(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
-    """Mirror of `schemas.events.GenerationEvent` (a sample's source)."""
-
-    generation_id: Id
-    model: Id
-    policy_version: NonNegInt
-    prompt: Text
-    completion: Text
-    prompt_token_ids: TokenIds
-    completion_token_ids: TokenIds
-    completion_logprobs: Logprobs
-    user_id: Id
-    schema_version: Literal[1] = 1
-    event_id: Id = msgspec.field(default_factory=ev.new_event_id)
-    event_time_ms: TimeMs = msgspec.field(default_factory=ev.now_ms)
-    tenant_id: Id = "default"
-    sampling: FastSamplingParams = msgspec.field(default_factory=FastSamplingParams)
-    finish_reason: Literal["stop", "length"] = "stop"
-    session_id: Id | None = None
-    replica_id: Id | None = None
-    latency_ms: Annotated[float, msgspec.Meta(ge=0.0, le=1e8)] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.completion_logprobs) != len(self.completion_token_ids):
-            raise ValueError("completion_logprobs: length differs from completion_token_ids")
+def _pattern(p: str) -> str:
+    """pydantic's regex `$` is the absolute end; Python's also matches before a final newline."""
+    if p.endswith("$") and not p.endswith("\\$"):
+        p = p[:-1] + r"\Z"
+    return p
 
 
-class FastFeedback(msgspec.Struct, forbid_unknown_fields=True, frozen=True, gc=False):
-    """Mirror of `schemas.events.FeedbackEvent`."""
+def _meta(items: list[Any], charsets: list[str] | None) -> tuple[dict[str, Any], bool]:
+    """msgspec.Meta keywords from pydantic/annotated-types metadata; and allow_inf_nan.
 
-    generation_id: Id
-    kind: FeedbackKindName
-    user_id: Id
-    schema_version: Literal[1] = 1
-    event_id: Id = msgspec.field(default_factory=ev.new_event_id)
-    event_time_ms: TimeMs = msgspec.field(default_factory=ev.now_ms)
-    tenant_id: Id = "default"
-    value: float | None = None
-    edited_text: Text | None = None
-    final: bool = False
-    session_id: Id | None = None
+    A `^[class]+$` pattern is left out of the keywords and appended to `charsets` (when
+    given): the struct checks all such fields at once (`_charset_check`), which is much
+    cheaper than msgspec's one Python regex call per string.
+    """
+    kw: dict[str, Any] = {}
+    allow_inf_nan = True
+    for m in items:
+        if isinstance(m, FieldInfo):
+            sub, allow = _meta(list(m.metadata), charsets)
+            kw.update(sub)
+            allow_inf_nan = allow_inf_nan and allow
+            continue
+        name = _CONSTRAINTS.get(type(m))
+        if name is not None:
+            kw[name] = getattr(m, name)
+            continue
+        if type(m).__name__ == "_PydanticGeneralMetadata":
+            extra = dict(vars(m))
+            if "pattern" in extra:
+                pattern = extra.pop("pattern")
+                simple = _CHARSET.fullmatch(pattern)
+                if simple and charsets is not None:
+                    charsets.append(simple.group(1))
+                else:
+                    kw["pattern"] = _pattern(pattern)
+            if "allow_inf_nan" in extra:
+                allow_inf_nan = bool(extra.pop("allow_inf_nan"))
+            if extra:
+                raise Unsupported(f"constraint {extra}")
+            continue
+        if type(m).__name__ == "AllowInfNan":
+            allow_inf_nan = bool(m.allow_inf_nan)
+            continue
+        raise Unsupported(f"metadata {m!r}")
+    return kw, allow_inf_nan
 
-    def __post_init__(self) -> None:
-        # The rules of FeedbackEvent._value_fits_kind, in the same order.
-        kind, value = self.kind, self.value
-        if kind == "thumb":
-            ok = value == 1.0 or value == -1.0
-        elif kind == "rating":
-            ok = value is not None and 1.0 <= value <= 5.0
-        elif kind == "dwell":
-            ok = value is not None and 0.0 <= value <= 86_400.0
+
+def _float_bounds(kw: dict[str, Any]) -> dict[str, Any]:
+    """Bounds that also reject inf and NaN (msgspec has no allow_inf_nan)."""
+    kw = dict(kw)
+    if "ge" not in kw and "gt" not in kw:
+        kw["ge"] = -FLOAT_MAX
+    if "le" not in kw and "lt" not in kw:
+        kw["le"] = FLOAT_MAX
+    return kw
+
+
+def _convert(tp: Any, meta: list[Any], structs: dict[type, type], charsets: list[str] | None = None) -> Any:
+    """The msgspec type for a pydantic annotation `tp` with `meta` constraints on it.
+
+    `charsets` collects the simple patterns of a top-level field (a string, an optional
+    string or a list of strings), which the struct then checks itself."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *more = get_args(tp)
+        return _convert(inner, [*more, *meta], structs, charsets)
+    kw, allow_inf_nan = _meta(meta, charsets)
+    if origin in (Union, types.UnionType):
+        if kw:
+            raise Unsupported(f"constraints on a union {tp}")
+        return Union[tuple(_convert(a, [], structs, charsets) for a in get_args(tp))]  # noqa: UP007
+    if tp is type(None):
+        out: Any = None
+    elif tp in (str, int, bool):
+        out = tp
+    elif tp is float:
+        out = float
+        if not allow_inf_nan:
+            kw = _float_bounds(kw)
+    elif origin is Literal:
+        out = tp
+    elif origin is list:
+        (item,) = get_args(tp)
+        out = list[_convert(item, [], structs, charsets)]
+    elif origin is dict:
+        key, value = get_args(tp)
+        out = dict[_convert(key, [], structs), _convert(value, [], structs)]
+    elif isinstance(tp, type) and issubclass(tp, enum.StrEnum):
+        out = Literal[tuple(m.value for m in tp)]
+    elif isinstance(tp, type) and issubclass(tp, BaseModel):
+        out = _struct(tp, structs)
+    else:
+        raise Unsupported(f"type {tp!r}")
+    return Annotated[out, msgspec.Meta(**kw)] if kw else out
+
+
+def _charset_check(charset: str, names: list[str]) -> Callable[[Any], None]:
+    """Check every string of the fields `names` against `^[charset]+$` at once.
+
+    The strings are joined with newlines and encoded; deleting the allowed bytes must
+    leave exactly the separators. Much cheaper than a regex call per field; a class that
+    admits any non-ASCII character is not translated (`Unsupported`).
+    """
+    pattern = re.compile(f"[{charset}]")
+    if pattern.match("\n") or any(pattern.match(chr(c)) for c in (0xE9, 0x3B1, 0x4E00, 0x1F600)):
+        raise Unsupported(f"character class [{charset}]")
+    allowed = bytes(c for c in range(128) if pattern.match(chr(c)))
+    get = operator.attrgetter(*names) if len(names) > 1 else (lambda self: (getattr(self, names[0]),))
+
+    def check(self: Any) -> None:
+        values = get(self)
+        if None in values:  # an optional field left out (no exception: that path is slow)
+            values = [v for v in values if v is not None]
+        try:
+            joined, count = "\n".join(values), len(values)
+        except TypeError:  # a field is a list
+            strings: list[str] = []
+            for value in values:
+                if value.__class__ is str:
+                    strings.append(value)
+                elif value is not None:
+                    strings.extend(value)
+            joined, count = "\n".join(strings), len(strings)
+        if count and joined.encode().translate(None, allowed) != b"\n" * (count - 1):
+            bad = next(n for n in names if _bad(pattern, getattr(self, n)))
+            raise ValueError(f"{bad}: string does not match the pattern ^[{charset}]+$")
+
+    return check
+
+
+def _bad(pattern: re.Pattern[str], value: str | list[str] | None) -> bool:
+    values = [] if value is None else [value] if isinstance(value, str) else value
+    return any(not all(pattern.match(ch) for ch in v) for v in values)
+
+
+def _with_plain_enums(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` seeing each StrEnum of its module as a namespace of plain strings.
+
+    The struct holds enum fields as their string values, which compare equal to the
+    members; but on Python 3.11 every `Kind.MEMBER` lookup runs a Python-level
+    descriptor, which made the validators cost more than the whole msgspec decode. A
+    validator that needs the enum class itself (isinstance, `.value`) fails here and
+    the message goes to the reference decoder: slower, never wrong.
+    """
+    if not isinstance(func, types.FunctionType):
+        return func
+    plain = {
+        name: types.SimpleNamespace(**{m.name: m.value for m in value})
+        for name, value in func.__globals__.items()
+        if isinstance(value, type) and issubclass(value, enum.StrEnum)
+    }
+    if not plain:
+        return func
+    scope = {**func.__globals__, **plain}
+    return types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+
+
+def _post_init(checks: list[Callable[[Any], Any]]) -> Callable[[Any], None]:
+    def __post_init__(self: Any) -> None:
+        for check in checks:
+            check(self)
+
+    return __post_init__
+
+
+def _factory(factory: Callable[[], Any], structs: dict[type, type]) -> Callable[[], Any]:
+    """A default factory; one that makes a pydantic model makes its struct instead."""
+    sample = factory()  # type: ignore[call-arg]
+    if isinstance(sample, BaseModel):
+        struct = _struct(type(sample), structs)
+        return lambda: msgspec.convert(sample.model_dump(), type=struct)
+    return factory  # type: ignore[return-value]
+
+
+def _properties(model: type[BaseModel]) -> dict[str, property]:
+    """The model's own properties (`FeedbackEvent.is_terminal`), to read the same on the
+    struct; they see enum members as plain strings, as the validators do."""
+    out: dict[str, property] = {}
+    for cls in reversed(model.__mro__):
+        if cls is BaseModel or not issubclass(cls, BaseModel):
+            continue
+        for name, value in vars(cls).items():
+            if isinstance(value, property) and value.fget is not None and value.fset is None:
+                out[name] = property(_with_plain_enums(value.fget), doc=value.__doc__)
+    return out
+
+
+def _struct(model: type[BaseModel], structs: dict[type, type]) -> type:
+    """The msgspec struct mirroring `model` (memoised in `structs`)."""
+    if model in structs:
+        return structs[model]
+    cfg = model.model_config
+    extra = cfg.get("extra", "ignore")
+    if extra not in ("forbid", "ignore") or cfg.get("strict") is False or cfg.get("populate_by_name"):
+        raise Unsupported(f"{model.__name__}: model_config {cfg}")
+    decorators = model.__pydantic_decorators__
+    if decorators.validators or decorators.field_validators or decorators.root_validators:
+        raise Unsupported(f"{model.__name__}: field validators")
+    checks = []
+    for dec in decorators.model_validators.values():
+        if dec.info.mode != "after":
+            raise Unsupported(f"{model.__name__}: a {dec.info.mode} model validator")
+        checks.append(_with_plain_enums(dec.func))
+    hints = typing.get_type_hints(model, include_extras=True)
+    fields = []
+    by_charset: dict[str, list[str]] = {}
+    for name, info in model.model_fields.items():
+        if info.alias not in (None, name) or info.validation_alias is not None:
+            raise Unsupported(f"{model.__name__}.{name}: alias")
+        charsets: list[str] = []
+        tp = _convert(hints[name], list(info.metadata), structs, charsets)
+        if len(set(charsets)) > 1:
+            tp = _convert(hints[name], list(info.metadata), structs)
+        elif charsets:
+            by_charset.setdefault(charsets[0], []).append(name)
+        if info.default_factory is not None:
+            default: Any = msgspec.field(default_factory=_factory(info.default_factory, structs))
+        elif info.is_required():
+            default = msgspec.NODEFAULT
         else:
-            ok = kind not in _NO_VALUE or value is None
-        if not ok:
-            raise ValueError("value: does not fit the kind")
-        if kind == "edit":
-            if self.edited_text is None:
-                raise ValueError("edited_text: required for kind=edit")
-        elif self.edited_text is not None or self.final:
-            raise ValueError("edited_text: only kind=edit takes edited_text or final")
-
-    @property
-    def is_terminal(self) -> bool:
-        """Whether this signal settles the reward at once (accept, reject, final edit)."""
-        return self.kind in _TERMINAL or (self.kind == "edit" and self.final)
-
-
-Generation = FastGeneration | ev.GenerationEvent
-"""A decoded generation: the Struct, or the pydantic model for input only lax mode accepts."""
-Feedback = FastFeedback | ev.FeedbackEvent
-"""A decoded feedback event: the Struct, or the pydantic model for input only lax mode accepts."""
-
-_gen_decoder = msgspec.json.Decoder(FastGeneration)
-_fb_decoder = msgspec.json.Decoder(FastFeedback)
-GENERATION_DECODER = _gen_decoder
-"""The strict fast path for callers that inline it (the join's loop): `.decode(raw)`
-raises `FAST_ERRORS` where `decode_generation` would ask pydantic."""
-FEEDBACK_DECODER = _fb_decoder
-"""As `GENERATION_DECODER`, for feedback."""
-FAST_ERRORS = (msgspec.DecodeError, RecursionError)
+            default = info.default.value if isinstance(info.default, enum.Enum) else info.default
+            if isinstance(default, (dict, list)):
+                value = default
+                default = msgspec.field(default_factory=lambda v=value: type(v)(v))
+        fields.append((name, tp) if default is msgspec.NODEFAULT else (name, tp, default))
+    # Field checks first, then the model's validators, as pydantic orders them.
+    checks = [*(_charset_check(c, names) for c, names in by_charset.items()), *checks]
+    ns: dict[str, Any] = _properties(model)
+    if checks:
+        ns["__post_init__"] = _post_init(checks)
+    struct = msgspec.defstruct(
+        f"Fast{model.__name__}",
+        fields,
+        kw_only=True,
+        forbid_unknown_fields=extra == "forbid",
+        namespace=ns or None,
+        gc=False,  # no cycles (strings, numbers, lists, dicts, structs): not GC-tracked
+    )
+    structs[model] = struct
+    return struct
 
 
-def fast_generation(raw: bytes) -> FastGeneration | None:
-    """The strict fast path alone: the Struct, or None when it refuses the input."""
+DecodeError = (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError, AttributeError, RecursionError)
+"""What a fast decoder raises for input it does not accept (then ask pydantic).
+AttributeError: a validator using something only the pydantic model has."""
+FAST_ERRORS = DecodeError
+"""Alias of `DecodeError` for callers that inline the fast path (the join's loop)."""
+
+
+def struct_of(model: type[BaseModel]) -> type:
+    """The msgspec struct mirroring `model`; raises `Unsupported` when the model uses
+    something the translation does not know."""
+    return _struct(model, _STRUCTS)
+
+
+_STRUCTS: dict[type, type] = {}
+
+
+def fast_decoder(model: type[ev.Event]) -> Callable[[bytes], Any] | None:
+    """A function bytes -> struct mirroring `model` (same attribute names and values as
+    the model, enums as their string values), raising one of `DecodeError` for anything
+    it does not accept; None when the model cannot be translated."""
     try:
-        return _gen_decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+        decoder = msgspec.json.Decoder(struct_of(model))
+    except (Unsupported, TypeError, ValueError):
+        return None
+    return decoder.decode
+
+
+def _struct_or_none(model: type[BaseModel]) -> type | None:
+    try:
+        return struct_of(model)
+    except (Unsupported, TypeError, ValueError):
         return None
 
 
-def fast_feedback(raw: bytes) -> FastFeedback | None:
-    """The strict fast path alone: the Struct, or None when it refuses the input."""
+class _RefuseAll:
+    """The decoder of a model that cannot be translated: refuses everything, so that
+    pydantic decides (slower, never wrong; test_schemas_fast.py fails on it)."""
+
+    def decode(self, raw: bytes) -> Any:
+        raise msgspec.DecodeError("no fast decoder for this model")
+
+
+FastSamplingParams = _struct_or_none(ev.SamplingParams)
+"""The struct of `schemas.events.SamplingParams`."""
+FastGeneration = _struct_or_none(ev.GenerationEvent)
+"""The struct of `schemas.events.GenerationEvent` (a sample's source)."""
+FastFeedback = _struct_or_none(ev.FeedbackEvent)
+"""The struct of `schemas.events.FeedbackEvent` (has `is_terminal`, as the model)."""
+
+Generation = Any
+"""A decoded generation: a `FastGeneration`, or the `GenerationEvent` for input only
+pydantic's lax mode accepts (same attributes)."""
+Feedback = Any
+"""A decoded feedback event: a `FastFeedback`, or the `FeedbackEvent` (same attributes)."""
+
+GENERATION_DECODER: Any = msgspec.json.Decoder(FastGeneration) if FastGeneration is not None else _RefuseAll()
+"""The strict fast path for callers that inline it (the join's loop): `.decode(raw)`
+raises one of `FAST_ERRORS` where `decode_generation` would ask pydantic."""
+FEEDBACK_DECODER: Any = msgspec.json.Decoder(FastFeedback) if FastFeedback is not None else _RefuseAll()
+"""As `GENERATION_DECODER`, for feedback."""
+
+
+def fast_generation(raw: bytes) -> Any | None:
+    """The strict fast path alone: the struct, or None when it refuses the input."""
     try:
-        return _fb_decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
+        return GENERATION_DECODER.decode(raw)
+    except DecodeError:
+        return None
+
+
+def fast_feedback(raw: bytes) -> Any | None:
+    """The strict fast path alone: the struct, or None when it refuses the input."""
+    try:
+        return FEEDBACK_DECODER.decode(raw)
+    except DecodeError:
         return None
 
 
@@ -155,10 +380,10 @@ def decode_generation(raw: bytes) -> Generation:
     does (same verdict, same `InvalidEvent`), fast for the valid case."""
     if len(raw) <= MAX_MESSAGE_BYTES:
         try:
-            return _gen_decoder.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
+            return GENERATION_DECODER.decode(raw)
+        except DecodeError:
             pass
-    return _pydantic(ev.GenerationEvent, raw)
+    return pydantic_verdict(ev.GenerationEvent, raw)
 
 
 def decode_feedback(raw: bytes) -> Feedback:
@@ -166,14 +391,15 @@ def decode_feedback(raw: bytes) -> Feedback:
     does (same verdict, same `InvalidEvent`), fast for the valid case."""
     if len(raw) <= MAX_MESSAGE_BYTES:
         try:
-            return _fb_decoder.decode(raw)
-        except (msgspec.DecodeError, RecursionError):
+            return FEEDBACK_DECODER.decode(raw)
+        except DecodeError:
             pass
-    return _pydantic(ev.FeedbackEvent, raw)
+    return pydantic_verdict(ev.FeedbackEvent, raw)
 
 
-def _pydantic(model: type[ev.GenerationEvent] | type[ev.FeedbackEvent], raw: bytes):
-    """The verdict of the contract (raises `InvalidEvent` naming the field)."""
+def pydantic_verdict(model: type[ev.Event], raw: bytes) -> Any:
+    """The verdict of the contract on what the fast path refused (raises `InvalidEvent`
+    naming the field)."""
     if len(raw) <= MAX_MESSAGE_BYTES:
         try:
             # pydantic's JSON mode accepts a few inputs its Python mode refuses, and the
@@ -188,14 +414,19 @@ __all__ = [
     "FAST_ERRORS",
     "FEEDBACK_DECODER",
     "GENERATION_DECODER",
+    "DecodeError",
     "FastFeedback",
     "FastGeneration",
     "FastSamplingParams",
     "Feedback",
     "Generation",
     "InvalidEvent",
+    "Unsupported",
     "decode_feedback",
     "decode_generation",
+    "fast_decoder",
     "fast_feedback",
     "fast_generation",
+    "pydantic_verdict",
+    "struct_of",
 ]

@@ -67,6 +67,7 @@ def test_forget_deletes_rows_and_stops_training(
         tmp_path / "w.log",
         **SCENARIO_ENV,
         RLFEED_STATUS_INTERVAL_S="0.3",
+        RLFEED_FORGET_REFRESH_S="1",  # the request of step 3 is issued while the worker runs
     )
     reader = reader_for(kafka_bootstrap, prefix)
     sink = Sink(
@@ -150,11 +151,11 @@ def test_forget_goes_through_the_stacks_dashboard_when_it_owns_clickhouse(
     clickhouse, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the embedded stack running (it owns chdb), the command asks its dashboard."""
+    from services.apikeys import KeyStore, create_key
     from services.dashboard.monitor import Monitor
     from services.dashboard.panels import Store
     from services.dashboard.server import DashboardServer, build_app
     from services.dashboard.settings import DashboardSettings
-    from services.gateway.keys import KeyStore, create_key
     from services.privacy import command
     from services.sink.rows import SPECS
     from services.stack import state
@@ -182,3 +183,59 @@ def test_forget_goes_through_the_stacks_dashboard_when_it_owns_clickhouse(
         assert left == [("kept",)]
     finally:
         server.stop()
+
+
+def _request(bootstrap: str, prefix: str, *pairs: tuple[str, str], raw: bytes | None = None) -> None:
+    from confluent_kafka import Producer
+
+    from schemas.codec import encode
+    from schemas.events import ForgetEvent
+    from schemas.topics import FORGET_REQUESTS
+
+    producer = Producer({"bootstrap.servers": bootstrap})
+    topic = FORGET_REQUESTS.full_name(prefix)
+    for tenant, user in pairs:
+        ev = ForgetEvent.for_user(tenant, user)
+        producer.produce(topic, key=f"{tenant}/{user}".encode(), value=encode(ev))
+    if raw is not None:
+        producer.produce(topic, key=b"bad", value=raw)
+    assert producer.flush(30) == 0
+
+
+def test_forget_follower_loads_at_start_and_catches_up_periodically(kafka_bootstrap: str, topic_prefix: str) -> None:
+    from services.privacy.settings import PrivacySettings
+    from streams.forget import ForgetFollower
+
+    settings = PrivacySettings(topic_prefix=topic_prefix)
+    _request(kafka_bootstrap, topic_prefix, ("acme", "u-1"), ("default", "u-2"), raw=b"{not json")
+    follower = ForgetFollower(kafka_bootstrap, settings, refresh_s=0.2).start(30.0)
+    try:
+        # the whole topic is read before start() returns: the worker joins nothing before
+        assert follower.pairs == {("acme", "u-1"), ("default", "u-2")} and follower.bad_records == 1
+        assert sum(follower.offsets.values()) == 3
+        # a request issued while it runs takes effect at the next catch-up
+        _request(kafka_bootstrap, topic_prefix, ("acme", "u-3"))
+        until(lambda: ("acme", "u-3") in follower.pairs, "the catch-up to read the new request")
+        # each catch-up reads from the last offset seen: nothing is read twice
+        done = follower.catch_ups
+        until(lambda: follower.catch_ups >= done + 2, "two more catch-ups")
+        assert follower.bad_records == 1 and sum(follower.offsets.values()) == 4
+    finally:
+        follower.stop()
+    assert not follower._thread.is_alive()
+
+
+def test_forget_follower_on_a_missing_topic_starts_and_finds_it_later(kafka_bootstrap: str) -> None:
+    from services.kafka.topics import ensure_topics
+    from services.privacy.settings import PrivacySettings
+    from streams.forget import ForgetFollower
+
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    follower = ForgetFollower(kafka_bootstrap, PrivacySettings(topic_prefix=prefix), refresh_s=0.2).start(5.0)
+    try:
+        assert follower.pairs == set()
+        ensure_topics(kafka_bootstrap, prefix)
+        _request(kafka_bootstrap, prefix, ("acme", "late"))
+        until(lambda: ("acme", "late") in follower.pairs, "the topic created later to be read")
+    finally:
+        follower.stop()

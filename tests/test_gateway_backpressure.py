@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from schemas.events import FeedbackEvent
-from services.gateway.keys import create_key
+from services.apikeys import create_key
 from services.kafka.embedded import EmbeddedBroker
 from services.kafka.topics import ensure_topics
 from services.sdk import AsyncFeedbackClient

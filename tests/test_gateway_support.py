@@ -44,7 +44,7 @@ def start_gateway(bootstrap: str, prefix: str, keys_file: Path, **overrides: obj
 @pytest.fixture(scope="module")
 def gateway_env(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayEnv]:
     """One gateway for a test module, on its own topic prefix."""
-    from services.gateway.keys import create_key
+    from services.apikeys import create_key
     from services.kafka.topics import ensure_topics
 
     prefix = f"g{uuid.uuid4().hex[:10]}."

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from schemas.codec import InvalidEvent
 from schemas.events import FeedbackEvent, GenerationEvent
-from services.gateway import keys
+from services import apikeys as keys
+from services.cli import main
 from services.gateway.idempotency import Entry, IdempotencyCache
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import ApiError, check_idempotency_key, digest_of, parse_batch, parse_single
@@ -60,12 +61,13 @@ def test_tenant_name_is_checked():
 def test_create_key_cli_prints_the_key_once(tmp_path, monkeypatch, capsys):
     path = tmp_path / "k.json"
     monkeypatch.setenv("RLFEED_KEYS_FILE", str(path))
-    assert keys.create_key_cli("acme") == 0
+    assert main(["keys", "create", "--tenant", "acme"]) == 0  # `rlfeed keys create`
     out = capsys.readouterr()
     key = out.out.strip()
     assert keys.KeyStore(path).tenant_of(key) == "acme"
     assert key not in out.err
-    assert keys.create_key_cli("bad tenant") == 2
+    assert main(["keys", "create", "--tenant", "bad tenant"]) == 2
+    assert len(keys.load_records(path)) == 1
 
 
 # -- idempotency cache -------------------------------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from schemas.events import DeadLetterEvent, FeedbackEvent, FeedbackKind
 from services.privacy import redact
-from services.privacy.redact import Redactor, luhn_ok, redact_specs
+from services.privacy.redact import Redactor, Signals, luhn_ok, redact_specs
 from services.privacy.settings import PrivacySettings
 from tests.factories import generation
 
@@ -61,6 +63,8 @@ NEGATIVES = [
     "Temperatures range from -40 to +45 degrees; the ratio is 16:9.",
     "The password must be long, and the token is refreshed daily.",
     "Use a Bearer token in the header.",
+    "The token and the key are refreshed every 24 hours; the password expires in 90 days.",
+    "API key, access token and password fields are 3 of the 12 settings.",
     "A task-force of risk-averse people used sk-learn.",
     "Coordinates 48.8584, 2.2945 and 1.2.3.4.5 are not addresses.",
     "Call 911 or 112 in an emergency; the code is 4521.",
@@ -77,6 +81,66 @@ def test_redacts(text: str, expected: str) -> None:
 @pytest.mark.parametrize("text", NEGATIVES)
 def test_leaves_ordinary_text(text: str) -> None:
     assert R.text(text) == text
+
+
+PROSE_ABOUT_SECRETS = [
+    "Each token costs 3 cents, and the key idea is that 2 passwords are better than 1.",
+    "The API key rotates every 90 days and the access token every 15 minutes.",
+    "Keys 1 to 4 open the doors; token ring networks ran at 16 Mbit/s in 1989.",
+    "Pick a password of 12 characters or more; never share your secret keys with 3rd parties.",
+    "Tokenization splits 1000 words into about 1300 tokens; the keyboard has 104 keys.",
+]
+"""Ordinary prose with digits that mentions tokens, keys, passwords and secrets: no key,
+token or secret detector may even run on it (their cheap pre-check must stay closed)."""
+
+
+@pytest.mark.parametrize("text", PROSE_ABOUT_SECRETS)
+def test_prose_about_tokens_keys_and_passwords_runs_no_detector(text: str) -> None:
+    assert R.text(text) == text
+    sig = Signals(text)
+    ran = [(r.kind, r.placeholder) for r in R.rules if r.wanted(sig)]
+    assert [k for k in ran if k[0] in ("token", "api_key", "secret", "ip")] == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Note: the password policy changed in 2021 (see section 4).",
+        "Set the key = value pairs in 3 files; token: optional.",
+        "The secret: 42 is the answer.",
+        "password = [SECRET] was redacted in 2020",
+    ],
+)
+def test_prose_with_a_colon_or_equals_near_a_keyword_is_left_alone(text: str) -> None:
+    assert R.text(text) == text
+
+
+def _ungated(text: str) -> str:
+    """Every detector run, whatever the pre-check says."""
+    for rule in R.rules:
+        text = rule.apply(text)
+    return text
+
+
+FRAGMENTS = sorted(
+    {w for t, _ in POSITIVES for w in t.split()}
+    | {w for t in NEGATIVES + PROSE_ABOUT_SECRETS for w in t.split()}
+    | {"password:", "PASSWORD=", "Api_Key=", "ACCESS-TOKEN:", "auth_token =", "BEARER", "bEaReR", "sk-", "Sk-"}
+    | {"AKIA", "eyJ", "-----BEGIN", "PRIVATE", "KEY-----", "@", "+", "0", "192.168.0.1", "x" * 8 + "1" * 8}
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=12),
+    st.lists(st.sampled_from([" ", "", "\n", "=", ":", "_", "-", "."]), min_size=12, max_size=12),
+    st.sampled_from(["", "1", " 7", "@"]),
+)
+def test_the_pre_check_never_loses_a_detection(words: list[str], seps: list[str], tail: str) -> None:
+    # On text with a digit or an @, the pre-check only skips detectors that cannot match.
+    text = "".join(w + sep for w, sep in zip(words, seps, strict=False)) + tail
+    if Signals(text).anything:
+        assert R.text(text) == _ungated(text)
 
 
 def test_a_secret_without_any_digit_is_missed() -> None:
@@ -107,6 +171,9 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert r.text("x@y.example TCK-42 +33 6 12 34 56 78") == "x@y.example [TICKET] [PHONE]"
     monkeypatch.setenv("RLFEED_REDACT_ENABLED", "false")
     assert Redactor.from_settings(PrivacySettings()) is None
+    assert s.forget_refresh_s == 10.0
+    monkeypatch.setenv("RLFEED_FORGET_REFRESH_S", "2.5")
+    assert PrivacySettings().forget_refresh_s == 2.5
 
 
 @pytest.mark.parametrize(
@@ -116,6 +183,7 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"RLFEED_REDACT_PATTERNS": '{"bad": "([a-"}'}, "redact_patterns.bad"),
         ({"RLFEED_REDACT_PATTERNS": '{"empty": "x*"}'}, "redact_patterns.empty"),
         ({"RLFEED_REDACT_PATTERNS": '{"no label": "x"}'}, "redact_patterns"),
+        ({"RLFEED_FORGET_REFRESH_S": "0"}, "forget_refresh_s"),
     ],
 )
 def test_bad_settings_name_the_field(monkeypatch: pytest.MonkeyPatch, env: dict, field: str) -> None:

@@ -350,3 +350,23 @@ def test_fast_and_pydantic_decoded_events_give_the_same_sample() -> None:
     slow_out = process_batch(fresh(), lax, WALL, CFG)
     assert slow_out.dead_letters == [] and len(fast_out.samples) == 1
     assert slow_out.samples == fast_out.samples
+
+
+@pytest.mark.parametrize("big", [2**53, 2**63, 2**64 - 1, 2**64, 10**30])
+def test_policy_version_beyond_json_safe_ints_is_dead_lettered_not_a_crash(big: int) -> None:
+    """orjson cannot encode ints >= 2**64 (and doubles lose ints >= 2**53): a hostile
+    policy_version must be dead-lettered at decode, never reach the sample's orjson.dumps."""
+    events = [gen(), fb("f1", "accept")]
+    raws = [encode(e) for e in events]
+    raws[0] = raws[0].replace(b'"policy_version":7', b'"policy_version":' + str(big).encode())
+    assert str(big).encode() in raws[0]
+    records = [Record(GEN, 0, 0, b"g1", raws[0]), Record(FB, 0, 1, b"g1", raws[1])]
+    out = process_batch(fresh(), records, WALL + 60_000, CFG)
+    assert out.samples == []
+    dls = [orjson.loads(v) for _, v in out.dead_letters]
+    assert dls[0]["error_field"] == "policy_version" and dls[0]["source_offset"] == 0
+    assert base64.b64decode(dls[0]["original_b64"]) == raws[0]
+    # the largest JSON-safe version still joins
+    ok = raws[0].replace(str(big).encode(), str(2**53 - 1).encode())
+    out = process_batch(fresh(), [Record(GEN, 0, 0, b"g1", ok), records[1]], WALL, CFG)
+    assert [orjson.loads(v)["policy_version"] for _, _, v in out.samples] == [2**53 - 1]

@@ -14,12 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from schemas.events import DeadLetterEvent, FeedbackEvent, GenerationEvent, SampleEvent, now_ms
+from services.apikeys import KeyStore, create_key
 from services.dashboard import queries
 from services.dashboard.monitor import Monitor
 from services.dashboard.panels import Store
 from services.dashboard.server import ALL_TENANTS, Denied, build_app, viewer_of
 from services.dashboard.settings import DashboardSettings
-from services.gateway.keys import KeyStore, create_key
 from services.sink.rows import SPECS
 from tests import test_gateway_support as support
 from tests.factories import feedback, generation

@@ -34,11 +34,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
+from services.apikeys import KeyStore
 from services.dashboard import panels
 from services.dashboard.monitor import Monitor
 from services.dashboard.panels import Store
 from services.dashboard.settings import DashboardSettings
-from services.gateway.keys import KeyStore
 from services.logs import event
 
 log = logging.getLogger("rlfeed.dashboard")

@@ -30,8 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, encode, key_of
 from schemas.topics import DLQ, FEEDBACK, GENERATIONS, Topic
+from services.apikeys import KeyStore
 from services.gateway.idempotency import Entry, IdempotencyCache
-from services.gateway.keys import KeyStore
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import extend_openapi, operation_doc
 from services.gateway.producer import KafkaSink

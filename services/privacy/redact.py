@@ -8,10 +8,17 @@ numbers (years, dates, prices, versions, quantities): a phone needs a `+`, the
 must pass the Luhn check; a bare run of digits is never redacted.
 
 Cost: `Redactor.text` first takes cheap signals of the text (`Signals`: is there a
-digit, an `@`, and for some detectors a keyword such as `bearer` or `sk-`), and each
-detector runs only when its signal is there; prose without a digit or an `@` is returned
-as is without running any detector. Keys, tokens and secrets are recognised only when
-they hold a digit (random ones of their length almost always do, see `Signals`).
+digit, an `@`, how many digits, and for some detectors a marker the match cannot do
+without, such as `-----BEGIN `, `eyJ`, `sk-`, or a `:`/`=` after `password`), and each
+detector runs only when its signals are there; prose without a digit or an `@` is
+returned as is without running any detector. Each detector's pre-check is a closure of
+only the conditions it has (`Rule.gate`), cheapest first, so that prose with digits costs
+a few attribute tests per detector. Markers of case-sensitive patterns are looked for in
+the text itself, not its lower-cased copy, and the `key = value` detector needs the full
+keyword (`api_key`, `access-token`, not `key` or `token`) and a `:` or `=`: ordinary
+prose about tokens, keys and passwords runs none of them. Keys, tokens and secrets are
+recognised only when they hold a digit (random ones of their length almost always do,
+see `Signals`).
 """
 
 from __future__ import annotations
@@ -28,9 +35,14 @@ from services.privacy.settings import KINDS, PrivacySettings
 
 API_KEY_HINTS = (
     "sk-", "pk-", "rk-", "sk_", "pk_", "rk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
-    "xox", "aiza", "rlf_",
+    "xox", "AIza", "rlf_",
 )  # fmt: skip
-"""Lower-cased prefixes of the vendor API keys the `api_key` detector knows."""
+"""Prefixes of the vendor API keys the `api_key` detector knows (case-sensitive, as its pattern)."""
+SECRET_KEYWORDS = (
+    "passw", "pwd", "secret", "apikey", "api_key", "api-key",
+    "accesstoken", "access_token", "access-token", "authtoken", "auth_token", "auth-token",
+)  # fmt: skip
+"""Lower-cased keywords the `key = value` detector needs (its pattern's alternatives)."""
 
 
 def has_digit(s: str) -> bool:
@@ -60,7 +72,7 @@ class Signals:
     20-character AWS key id above 99.5%); one without any digit is missed.
     """
 
-    __slots__ = ("_digits", "_longest", "_lower", "at", "digit", "text")
+    __slots__ = ("_digits", "_lower", "_runs", "at", "digit", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -68,7 +80,7 @@ class Signals:
         self.at = "@" in text
         self._lower: str | None = None
         self._digits = -1
-        self._longest = -1
+        self._runs: dict[int, bool] = {}
 
     @property
     def anything(self) -> bool:
@@ -82,18 +94,26 @@ class Signals:
 
     @property
     def digits(self) -> int:
-        """How many ASCII digits the text holds."""
+        """How many ASCII digits the text holds (one C pass: the UTF-8 bytes less the digits)."""
         if self._digits < 0:
-            t = self.text
-            self._digits = sum(t.count(d) for d in "0123456789")
+            b = self.text.encode("utf-8", "surrogatepass")
+            self._digits = len(b) - len(b.translate(None, _DIGIT_BYTES))
         return self._digits
 
-    @property
-    def longest(self) -> int:
-        """Length of the longest run without whitespace."""
-        if self._longest < 0:
-            self._longest = max(map(len, self.text.split()), default=0)
-        return self._longest
+    def has_run(self, n: int) -> bool:
+        """Whether the text has a run of at least `n` characters without whitespace."""
+        found = self._runs.get(n)
+        if found is None:
+            found = self._runs[n] = _run_pattern(n).search(self.text) is not None
+        return found
+
+
+_DIGIT_BYTES = b"0123456789"
+
+
+@lru_cache(maxsize=16)
+def _run_pattern(n: int) -> re.Pattern[str]:
+    return re.compile(rf"\S{{{n}}}")
 
 
 def _digits(s: str) -> int:
@@ -136,6 +156,10 @@ class Rule:
     """Keep this group of the match before the placeholder (`Bearer [TOKEN]`)."""
     hints: tuple[str, ...] = ()
     """The rule runs only when the lower-cased text holds one of these (empty: no condition)."""
+    exact_hints: tuple[str, ...] = ()
+    """The rule runs only when the text itself holds one of these (case-sensitive patterns)."""
+    any_chars: str = ""
+    """The rule runs only when the text holds at least one of these characters."""
     needs_digit: bool = True
     """The rule runs only when the text holds a digit (see `Signals`)."""
     min_digits: int = 0
@@ -143,19 +167,15 @@ class Rule:
     min_run: int = 0
     """The rule runs only when the text has a run of this many non-space characters."""
     chars: str = ""
-    """The rule runs only when the text holds each of these characters."""
+    """The rule runs only when the text holds each of these characters, as many times as
+    listed ("..." : three dots)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gate", _gate(self))
 
     def wanted(self, sig: Signals) -> bool:
         """Whether the text's signals allow a match at all."""
-        if self.needs_digit and not sig.digit:
-            return False
-        if self.chars and not all(c in sig.text for c in self.chars):
-            return False
-        if self.min_digits and sig.digits < self.min_digits:
-            return False
-        if self.min_run and sig.longest < self.min_run:
-            return False
-        return not self.hints or any(h in sig.lower for h in self.hints)
+        return self.gate(sig)  # type: ignore[attr-defined]
 
     def apply(self, text: str) -> str:
         if self.check is None and self.keep_group is None:
@@ -168,6 +188,49 @@ class Rule:
         if self.keep_group is not None:
             return f"{m.group(self.keep_group)}{self.placeholder}"
         return self.placeholder
+
+
+def _gate(rule: Rule) -> Callable[[Signals], bool]:
+    """`rule.wanted` as a closure of only the conditions the rule has, cheapest first
+    (substring tests on the text, the digit count, a run of non-space characters, the
+    keywords): one call and a few C-level tests per detector on text with a digit."""
+    tests: list[Callable[[Signals], bool]] = []
+    if rule.needs_digit:
+        tests.append(lambda sig: sig.digit)
+    for c in sorted(set(rule.chars), key=rule.chars.index):
+        n = rule.chars.count(c)
+        if n == 1:
+            tests.append(lambda sig, c=c: c in sig.text)
+        else:
+            tests.append(lambda sig, c=c, n=n: sig.text.count(c) >= n)
+    if len(rule.any_chars) == 1:
+        tests.append(lambda sig, c=rule.any_chars: c in sig.text)
+    elif len(rule.any_chars) == 2:
+        tests.append(lambda sig, a=rule.any_chars[0], b=rule.any_chars[1]: a in sig.text or b in sig.text)
+    elif rule.any_chars:
+        tests.append(lambda sig, cs=tuple(rule.any_chars): any(c in sig.text for c in cs))
+    if rule.exact_hints:
+        exact = re.compile("|".join(map(re.escape, rule.exact_hints)))
+        tests.append(lambda sig: exact.search(sig.text) is not None)
+    if rule.min_digits:
+        tests.append(lambda sig, n=rule.min_digits: sig.digits >= n)
+    if rule.min_run:
+        tests.append(lambda sig, n=rule.min_run: len(sig.text) >= n and sig.has_run(n))
+    if len(rule.hints) == 1:
+        tests.append(lambda sig, h=rule.hints[0]: h in sig.lower)
+    elif rule.hints:
+        hints = re.compile("|".join(map(re.escape, rule.hints)))
+        tests.append(lambda sig: hints.search(sig.lower) is not None)
+    if not tests:
+        return lambda sig: True
+    gate = tests[-1]
+    for test in reversed(tests[:-1]):
+        gate = _both(test, gate)
+    return gate
+
+
+def _both(first: Callable[[Signals], bool], then: Callable[[Signals], bool]) -> Callable[[Signals], bool]:
+    return lambda sig: first(sig) and then(sig)
 
 
 def _rule(
@@ -183,12 +246,12 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         "token",
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\Z)",
         "[PRIVATE_KEY]",
-        hints=("private key",),
+        exact_hints=("-----BEGIN ",),
     ),
     _rule(
         "token", r"\b([Bb][Ee][Aa][Rr][Ee][Rr]\s+)[A-Za-z0-9._~+/=-]{12,}", "[TOKEN]", keep_group=1, hints=("bearer",)
     ),
-    _rule("token", r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}", "[TOKEN]", hints=("eyj",)),
+    _rule("token", r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}", "[TOKEN]", exact_hints=("eyJ",)),
     _rule(
         "email",
         r"[A-Za-z0-9_][A-Za-z0-9_.%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b",
@@ -200,7 +263,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         "api_key",
         r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b",
         "[AWS_KEY]",
-        hints=("akia", "asia", "agpa", "aida", "aroa", "anpa"),
+        exact_hints=("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA"),
     ),
     _rule(
         "api_key",
@@ -211,7 +274,8 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         r"|AIza[0-9A-Za-z_-]{35}"
         r"|rlf_[0-9a-f]{12}_[A-Za-z0-9_-]{43})",
         "[API_KEY]",
-        hints=API_KEY_HINTS,
+        any_chars="-_",
+        exact_hints=API_KEY_HINTS,
     ),
     _rule(
         "secret",
@@ -231,7 +295,8 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         r"(?!\[)(?=\S*\d)[^\s,;'\"]{8,}",
         "[SECRET]",
         keep_group=1,
-        hints=("passw", "pwd", "secret", "key", "token"),
+        any_chars=":=",
+        hints=SECRET_KEYWORDS,
     ),
     _rule(
         "card",
@@ -246,7 +311,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
         "[IP]",
         lambda m: _starts_word(m, ".") and all(int(part) <= 255 for part in m.group().split(".")),
         min_digits=4,
-        chars=".",
+        chars="...",
     ),
     _rule("phone", r"(?<![\w+])\+\d(?:[ .()-]{0,2}\d){6,14}(?![\d])", "[PHONE]", min_digits=7, chars="+"),
     _rule(
@@ -290,7 +355,7 @@ class Redactor:
             sig = Signals(text)
             if sig.anything:
                 for rule in self.rules:
-                    if rule.wanted(sig):
+                    if rule.gate(sig):  # type: ignore[attr-defined]
                         text = rule.apply(text)
         for rule in self.custom:
             text = rule.apply(text)

@@ -32,6 +32,10 @@ class PrivacySettings(RlfeedSettings):
     forget_load_timeout_s: float = Field(30.0, gt=0)
     """How long the stream worker waits, at start, to read forget-requests.v1 to its end
     before it joins anything."""
+    forget_refresh_s: float = Field(10.0, gt=0)
+    """How often the stream worker catches up with forget-requests.v1 once running (it
+    opens a consumer, reads what is new and closes it): a forget request takes effect on
+    samples within this many seconds."""
 
     @field_validator("redact_kinds")
     @classmethod
