@@ -336,7 +336,8 @@ def main() -> None:
                 "clients": args.clients,
                 "max_tokens": args.max_tokens,
                 **result,
-                "vllm": "not run (no GPU/vllm in this environment)",
+                "vllm": "tokens/s of both engines: bench/serving.py --engines transformers,vllm "
+                "(run with .rlfeed/venv-vllm/bin/python); the vLLM swap: tests/test_serving_vllm.py",
             }
         )
     )

@@ -53,4 +53,6 @@ if [ "$mode" = test ] && ! { command -v kcat && command -v chromium; } >/dev/nul
     echo "missing Debian packages: apt-get install kcat chromium (the tests use them)" >&2
   fi
 fi
+# The vLLM engine's tests run in their own venv (see the vllm mode above).
+if [ "$mode" = test ]; then bash ops/bootstrap.sh vllm; fi
 echo "rlfeed is set up in .venv" >&2

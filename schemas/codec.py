@@ -3,6 +3,10 @@
 `decode` never lets a raw exception escape: invalid UTF-8, invalid JSON, a non-object,
 a wrong type, an unknown field or an out-of-range value all become `InvalidEvent`,
 which names the offending field and keeps the original bytes for the dead-letter topic.
+
+The stream join decodes its two inputs through `schemas.fast` (`decode_generation`,
+`decode_feedback`): msgspec mirrors of the models for valid input, this module's
+`decode` for the verdict and the error on everything the fast path refuses.
 """
 
 from __future__ import annotations
@@ -79,6 +83,19 @@ def key_of(event: Event, key_field: str) -> bytes | None:
     return base64.b64decode(value) if key_field.endswith("_b64") else str(value).encode()
 
 
+MAX_DEAD_LETTER_ORIGINAL_BYTES = 600_000
+"""Most original bytes a dead letter carries: base64 grows them by 4/3, and the letter must
+stay under the broker's 1 MiB message limit (a bigger one would be refused by the broker)."""
+
+
+def fit_for_dead_letter(err: InvalidEvent, limit: int = MAX_DEAD_LETTER_ORIGINAL_BYTES) -> InvalidEvent:
+    """`err`, or a copy whose original bytes are cut to their first `limit`, saying so."""
+    if len(err.raw) <= limit:
+        return err
+    note = f"{err.reason} (original of {len(err.raw)} bytes truncated to its first {limit})"
+    return InvalidEvent(note, err.field, err.raw[:limit])
+
+
 def dead_letter(
     error: InvalidEvent,
     *,
@@ -91,8 +108,10 @@ def dead_letter(
     """The dead-letter event for rejected input, carrying the original bytes.
 
     Input from Kafka (offset >= 0) gets a deterministic event id, so a redelivered bad
-    message produces the same dead letter again and downstream deduplicates it.
+    message produces the same dead letter again and downstream deduplicates it. Originals
+    over `MAX_DEAD_LETTER_ORIGINAL_BYTES` are cut, and the reason says so.
     """
+    error = fit_for_dead_letter(error)
     fields = {}
     if offset >= 0:
         origin = f"{rejected_by}|{source_topic}|{partition}|{offset}".encode()

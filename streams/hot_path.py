@@ -15,7 +15,9 @@ The order of one batch, and why a crash anywhere in it loses nothing:
    (a queue put that never blocks; the scorer thread fills the scores the join reads).
 4. Flush the samples and dead letters (acks=all; a delivery error stops the worker).
 5. Flush the changelog records.
-6. Commit the batch's offsets (synchronously).
+6. Commit the batch's offsets (synchronously). A failed commit (the group moved on, e.g.
+   after a broker restart) is logged and counted, not fatal: 2-5 are done, so the batch is
+   redelivered and replayed like after a crash.
 
 A crash before 6 replays the batch from the last committed offsets on the next owner,
 over the state restored from the changelog. Samples are deterministic (same sample id
@@ -257,8 +259,16 @@ class HotPath:
         # 6. commit
         if offsets:
             commit = [TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()]
-            self.consumer.commit(offsets=commit, asynchronous=False)
-            self.last_commit_ts = time.time()
+            try:
+                self.consumer.commit(offsets=commit, asynchronous=False)
+                self.last_commit_ts = time.time()
+            except KafkaException as exc:
+                # e.g. ILLEGAL_GENERATION after a broker restart: everything is flushed, so
+                # the batch is simply redelivered (same sample ids) once the group settles.
+                self.stats["commit_failures"] += 1
+                logs.event(
+                    log, "streams.commit_failed", level=logging.WARNING, error=str(exc)[:500], partitions=len(commit)
+                )
         self.stats.update(out.counts)
         self.stats["batches"] += 1
         self.stats["produced"] += len(out.samples) + len(out.dead_letters) + len(out.changelog)

@@ -458,3 +458,27 @@ def by_id_completion(bootstrap: str, prefix: str, generation_id: str) -> list[in
         timeout_s=60,
     )
     return next(e.completion_token_ids for e in evs if e.generation_id == generation_id)
+
+
+# --- the integration tests above, run in the vLLM venv ------------------------------------
+VLLM_VENV_PYTHON = REPO / ".rlfeed" / "venv-vllm" / "bin" / "python"
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(HAVE_VLLM, reason="vllm is importable here: the tests above ran in this process")
+def test_vllm_engine_suite_in_its_own_venv() -> None:
+    """From the project venv, run this file in the vLLM venv that `ops/bootstrap.sh test`
+    builds, and require every vLLM test to pass there (none skipped): without this, CI
+    would only ever see them skip."""
+    assert VLLM_VENV_PYTHON.exists(), (
+        f"{VLLM_VENV_PYTHON} is missing: build it with `bash ops/bootstrap.sh vllm` "
+        "(`bash ops/bootstrap.sh test` does it too)"
+    )
+    proc = subprocess.run(
+        [str(VLLM_VENV_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+         "-k", "not suite_in_its_own_venv", str(Path(__file__).resolve())],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert "skipped" not in proc.stdout.splitlines()[-1], tail

@@ -71,6 +71,9 @@ def run(settings: DemoSettings, print_report: bool = True) -> dict:
             rollout_min_samples_per_arm=settings.demo_rollout_min_samples_per_arm,
             rollout_max_samples=settings.demo_rollout_max_samples,
             rollout_at_budget="promote_if_not_worse",
+            # static membership: a worker restarted after a kill -9 gets its partitions back
+            # at once (noida-db never expires the dead member)
+            group_instance_id=f"demo-streams-{home.name}",
         )
         streams = Child("streams", ["streams"], streams_env, logs, nice=nice)
         children.append(streams.start())

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from schemas.codec import InvalidEvent, decode
+from schemas.codec import InvalidEvent, decode, fit_for_dead_letter
 from schemas.events import Event, new_event_id
 
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@/+=-")
@@ -121,8 +121,11 @@ def parse_single(model: type[Event], raw: bytes, tenant: str, idempotency_key: s
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent(f"invalid JSON: {exc}", None, raw) from None
-    return bind_event(model, obj, raw, tenant, idempotency_key)
+        raise fit_for_dead_letter(InvalidEvent(f"invalid JSON: {exc}", None, raw)) from None
+    try:
+        return bind_event(model, obj, raw, tenant, idempotency_key)
+    except InvalidEvent as err:
+        raise fit_for_dead_letter(err) from None
 
 
 def parse_batch(model: type[Event], raw: bytes, tenant: str, max_events: int) -> list[Parsed]:
@@ -158,7 +161,7 @@ def parse_batch(model: type[Event], raw: bytes, tenant: str, max_events: int) ->
                 err.raw = orjson.dumps(item)
             except (TypeError, orjson.JSONEncodeError):
                 err.raw = raw
-            invalid.append(err)
+            invalid.append(fit_for_dead_letter(err))
     if invalid:
         first = invalid[0]
         more = f" ({len(invalid) - 1} more invalid events)" if len(invalid) > 1 else ""
@@ -167,4 +170,4 @@ def parse_batch(model: type[Event], raw: bytes, tenant: str, max_events: int) ->
 
 
 def _rejected(err: InvalidEvent) -> ApiError:
-    return ApiError(422, str(err), field=err.field, type="invalid_event", invalid=[err])
+    return ApiError(422, str(err), field=err.field, type="invalid_event", invalid=[fit_for_dead_letter(err)])

@@ -5,7 +5,7 @@ restarted replica must find the latest one again), so partitions are assigned, n
 subscribed, from the beginning. On start the follower reads up to the end of the topic
 and hands over only the newest event for its model (older ones are history); after
 that, every new event for its model is handed over as it arrives. Malformed events are
-logged and skipped.
+logged and skipped, and so is an event whose handler raises.
 
 The same follower reads rollouts.v1 (also compacted by model) when canary rollouts are
 on: pass `topic=ROLLOUTS, event_type=RolloutEvent`.
@@ -60,6 +60,8 @@ class UpdateFollower:
         self.caught_up = threading.Event()
         """Set once the follower has read to the end of the topic at least once."""
         self.invalid_events = 0
+        self.handler_failures = 0
+        """Events whose `on_update` raised (logged; the follower went on)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
 
@@ -69,6 +71,21 @@ class UpdateFollower:
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
+
+    def _hand_over(self, ev: Any) -> None:
+        """Call `on_update`; a failure is logged and the follower goes on, so the next
+        version still arrives (a dead follower would pin the replica to its version)."""
+        try:
+            self.on_update(ev)
+        except Exception as exc:
+            self.handler_failures += 1
+            log_event(
+                log,
+                "model_update_handler_failed",
+                logging.ERROR,
+                event_id=getattr(ev, "event_id", None),
+                error=f"{type(exc).__name__}: {exc}"[:500],
+            )
 
     def _consumer(self) -> Any:
         from confluent_kafka import Consumer
@@ -129,7 +146,7 @@ class UpdateFollower:
                                 newest=None if newest is None else newest.event_id,
                             )
                             if newest is not None:
-                                self.on_update(newest)
+                                self._hand_over(newest)
                     else:
                         log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
                     continue
@@ -142,7 +159,7 @@ class UpdateFollower:
                 if ev.model != self.model:
                     continue
                 if self.caught_up.is_set():
-                    self.on_update(ev)
+                    self._hand_over(ev)
                 else:
                     backlog.append(ev)
         except Exception:

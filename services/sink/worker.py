@@ -2,7 +2,7 @@
 
 Ordering, per batch (the only place it is written down):
   1. Poll up to `sink_batch_max_events` messages, waiting at most `sink_batch_max_wait_s`.
-  2. Decode each against the contract (`structs.fast_decoder`, msgspec; anything it does
+  2. Decode each against the contract (`schemas.fast.fast_decoder`, msgspec; anything it does
      not accept goes to `codec.decode`, the reference). An invalid message becomes a dead
      letter with the original bytes, the field named and a deterministic event id. It is
      produced to dlq.v1 (and so reaches the dead_letters table when the sink reads dlq.v1
@@ -12,8 +12,10 @@ Ordering, per batch (the only place it is written down):
      committing nothing, until ClickHouse accepts or the sink is stopped.
   4. Flush the dead-letter producer (acks=all).
   5. Commit the batch's offsets synchronously.
-A crash before step 5 redelivers the batch. Inserts are idempotent by event_id
-(ReplacingMergeTree; read with FINAL), so redelivery neither loses nor doubles a row.
+A crash before step 5 redelivers the batch; so does a failed commit (partitions revoked,
+or the consumer fenced after a broker restart: a consumer with a fatal error is replaced).
+Inserts are idempotent by event_id (ReplacingMergeTree; read with FINAL), so redelivery
+neither loses nor doubles a row.
 
 `run` overlaps batches: while batch N is inserted, flushed and committed (3-5, on one
 insert thread, right after each other, as the consumer and producer are thread-safe),
@@ -24,6 +26,7 @@ after its own insert succeeded. `run_once` does one batch without overlap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -38,13 +41,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import Event
+from schemas.fast import DecodeError, fast_decoder
 from schemas.topics import DLQ, PUBLIC_TOPICS, Topic, topic_for_name
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.logs import event
 from services.sink.rows import SPECS, TableSpec
 from services.sink.settings import SinkSettings
-from services.sink.structs import DecodeError, fast_decoder
 
 log = logging.getLogger("rlfeed.sink")
 REJECTED_BY = "sink"
@@ -80,6 +83,8 @@ class SinkStats:
     dead_letters: int = 0
     insert_failures: int = 0
     commit_failures: int = 0
+    consumer_renewals: int = 0
+    """Consumers replaced after a fatal error (e.g. fenced after a broker restart)."""
     slow_path: int = 0
     """Messages the fast decoder did not accept, decided by `codec.decode` instead."""
     last_commit_ts: float | None = None
@@ -92,6 +97,7 @@ class SinkStats:
             "dead_letters": self.dead_letters,
             "insert_failures": self.insert_failures,
             "commit_failures": self.commit_failures,
+            "consumer_renewals": self.consumer_renewals,
             "slow_path": self.slow_path,
             "last_commit_ts": self.last_commit_ts,
         }
@@ -105,9 +111,19 @@ class Sink:
         self.client = client
         self.prefix = settings.topic_prefix
         self.stats = SinkStats()
-        self.consumer = Consumer(
+        self._bootstrap = bootstrap
+        self._fatal = False
+        self.consumer = self._new_consumer()
+        self.producer = Producer({**producer_config(bootstrap, settings), "acks": "all", "linger.ms": 5})
+        self._routes: dict[str, _Route] = {}
+        self._specs: dict[str, TableSpec] = {spec.table: spec for spec in SPECS.values()}
+
+    def _new_consumer(self) -> Consumer:
+        """A consumer in the sink's group, subscribed to every public topic."""
+        settings = self.settings
+        consumer = Consumer(
             {
-                **librdkafka_config(bootstrap, settings),
+                **librdkafka_config(self._bootstrap, settings),
                 "group.id": f"{settings.topic_prefix}{settings.sink_group_id}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -121,10 +137,19 @@ class Sink:
                 **({"group.instance.id": settings.sink_group_instance_id} if settings.sink_group_instance_id else {}),
             }
         )
-        self.producer = Producer({**producer_config(bootstrap, settings), "acks": "all", "linger.ms": 5})
-        self.consumer.subscribe([t.full_name(self.prefix) for t in PUBLIC_TOPICS])
-        self._routes: dict[str, _Route] = {}
-        self._specs: dict[str, TableSpec] = {spec.table: spec for spec in SPECS.values()}
+        consumer.subscribe([t.full_name(self.prefix) for t in PUBLIC_TOPICS])
+        return consumer
+
+    def _renew_consumer(self) -> None:
+        """Replace a consumer that hit a fatal error (e.g. fenced by its own static member
+        id after a broker restart): what it had not committed is redelivered to the new
+        one, and the tables' dedup keys absorb the repeat."""
+        event(log, "consumer_renewed", logging.WARNING)
+        with contextlib.suppress(Exception):
+            self.consumer.close()
+        self._fatal = False
+        self.stats.consumer_renewals += 1
+        self.consumer = self._new_consumer()
 
     def close(self) -> None:
         """Leave the group (uncommitted work is redelivered to the next owner)."""
@@ -140,16 +165,22 @@ class Sink:
                 if stored is not None and not stored.result():
                     return  # stopped during an outage: that batch (and this one) are not committed
                 stored = None if batch is None else inserter.submit(self._store, batch, stop)
+                if self._fatal:
+                    if stored is not None and not stored.result():
+                        return
+                    stored = None
+                    self._renew_consumer()
             if stored is not None:
                 stored.result()
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """Poll, insert and commit one batch; return the number of messages in it."""
         batch = self._poll()
-        if batch is None or not self._insert(batch.rows, stop):
-            return 0
-        self._commit(batch)
-        return batch.count
+        if batch is not None and self._insert(batch.rows, stop):
+            self._commit(batch)
+        if self._fatal:
+            self._renew_consumer()
+        return 0 if batch is None else batch.count
 
     def _poll(self) -> _Batch | None:
         """Steps 1-2: one batch of messages, decoded into rows (None when there were none)."""
@@ -171,7 +202,7 @@ class Sink:
                 if route.fast is None or len(raw) > MAX_MESSAGE_BYTES:
                     raise ValueError("slow path")
                 row = route.spec.row(route.fast(raw))
-            except (*DecodeError, AttributeError):  # AttributeError: a row function using
+            except DecodeError:  # AttributeError among them: a row function using
                 # something only the pydantic model has (a property, a method)
                 ev = self._decode_or_reject(msg, route, raw, rows)
                 row = None if ev is None else route.spec.row(ev)
@@ -214,6 +245,8 @@ class Sink:
         err = msg.error()
         if err is None:
             return True
+        if err.fatal():
+            self._fatal = True
         if err.code() != KafkaError._PARTITION_EOF:
             event(log, "consume_error", logging.WARNING, error=str(err))
         return False
