@@ -8,7 +8,7 @@ from typing import Literal
 import orjson
 from pydantic import Field, model_validator
 
-from services.config import RlfeedSettings
+from services.config import RlfeedSettings, StoreLocation
 
 
 class StreamsSettings(RlfeedSettings):
@@ -111,8 +111,9 @@ class StreamsSettings(RlfeedSettings):
     (only implicit or no feedback); `all`, every sample."""
     reward_model_name: str = "rewardmodel-minilm"
     """Name of the reward model on model-updates.v1 and in the checkpoint store."""
-    checkpoint_dir: Path | None = None
-    """Root of the checkpoint store (the trainer's and replicas' setting); unset: `<home_dir>/checkpoints`."""
+    checkpoint_dir: StoreLocation | None = None
+    """Root of the checkpoint store (the trainer's and replicas' setting): a directory or an
+    fsspec URL (`s3://bucket/prefix`); unset: `<home_dir>/checkpoints`."""
     reward_model_batch_size: int = Field(64, ge=1)
     """Generations scored per forward pass."""
     reward_model_linger_s: float = Field(0.05, ge=0)

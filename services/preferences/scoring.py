@@ -195,7 +195,12 @@ class BackgroundScorer:
 
 
 def load_published(
-    store_dir: Path, model_name: str, version: int | None, *, torch_threads: int | None = None, batch_size: int = 64
+    store_dir: str | Path,
+    model_name: str,
+    version: int | None,
+    *,
+    torch_threads: int | None = None,
+    batch_size: int = 64,
 ) -> tuple[int, ScoreFn]:
     """The reward model `version` (None: the latest) from the checkpoint store, as a ScoreFn.
 
