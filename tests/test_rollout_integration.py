@@ -124,9 +124,10 @@ def test_worse_candidate_rolled_back_better_promoted(
                         return
                     user = USERS[(i * 7 + n) % len(USERS)]
                     try:
+                        sent = time.monotonic()  # a request sent before a swap may finish after it
                         r = clients[n % 2].completions.create(model=MODEL, prompt=f"hi {n}", max_tokens=3, user=user)
                         assert r.choices[0].finish_reason
-                        results.append((time.monotonic(), user, r.model_extra["policy_version"]))
+                        results.append((sent, user, r.model_extra["policy_version"]))
                     except BaseException as exc:
                         errors.append(exc)
                         return
