@@ -375,26 +375,26 @@ def fast_feedback(raw: bytes) -> Any | None:
         return None
 
 
+def _fast_or_verdict(decoder: Any, model: type[ev.Event], raw: bytes) -> Any:
+    """The struct when the fast path accepts `raw`, else pydantic's verdict on it."""
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        try:
+            return decoder.decode(raw)
+        except DecodeError:
+            pass
+    return pydantic_verdict(model, raw)
+
+
 def decode_generation(raw: bytes) -> Generation:
     """Decode and validate a generations.v1 value exactly as `decode(GenerationEvent, raw)`
     does (same verdict, same `InvalidEvent`), fast for the valid case."""
-    if len(raw) <= MAX_MESSAGE_BYTES:
-        try:
-            return GENERATION_DECODER.decode(raw)
-        except DecodeError:
-            pass
-    return pydantic_verdict(ev.GenerationEvent, raw)
+    return _fast_or_verdict(GENERATION_DECODER, ev.GenerationEvent, raw)
 
 
 def decode_feedback(raw: bytes) -> Feedback:
     """Decode and validate a feedback.v1 value exactly as `decode(FeedbackEvent, raw)`
     does (same verdict, same `InvalidEvent`), fast for the valid case."""
-    if len(raw) <= MAX_MESSAGE_BYTES:
-        try:
-            return FEEDBACK_DECODER.decode(raw)
-        except DecodeError:
-            pass
-    return pydantic_verdict(ev.FeedbackEvent, raw)
+    return _fast_or_verdict(FEEDBACK_DECODER, ev.FeedbackEvent, raw)
 
 
 def pydantic_verdict(model: type[ev.Event], raw: bytes) -> Any:
