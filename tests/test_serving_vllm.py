@@ -23,7 +23,6 @@ wrong temperature moves logprobs by nats.
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import subprocess
 import sys
 import threading
@@ -112,25 +111,253 @@ def test_vllm_is_never_imported_on_the_cpu_path() -> None:
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+# --- the canary candidate's bookkeeping and arm scheduling (no vllm needed) ---------------
+def test_weight_slots_track_what_vllm_holds() -> None:
+    from services.serving.engines.vllm import WeightSlots
+
+    slots: WeightSlots[str] = WeightSlots("s0")
+    assert slots.loaded == "stable" and slots.to_load(False) is None
+    assert slots.to_load(True) is None  # no candidate: a candidate-arm job runs on stable
+    slots.install("c1")
+    assert slots.to_load(False) is None and slots.to_load(True) == "candidate"
+    assert slots.weights("candidate") == "c1" and slots.loaded_arm() is False
+    slots.loaded = "candidate"  # what VllmEngine._push records after loading it
+    assert slots.to_load(True) is None and slots.to_load(False) == "stable" and slots.loaded_arm() is True
+    # Replacing the candidate vLLM holds: it holds neither set now, both arms must load.
+    slots.install("c2")
+    assert slots.loaded is None and slots.to_load(True) == "candidate" and slots.to_load(False) == "stable"
+    slots.loaded = "candidate"
+    # Promoting the candidate vLLM holds: no load, it is the stable set now.
+    slots.promote()
+    assert (slots.stable, slots.candidate, slots.loaded) == ("c2", None, "stable")
+    assert slots.to_load(False) is None and slots.to_load(True) is None
+    # Promoting while vLLM holds the stable set: the next batch loads the new stable.
+    slots.install("c3")
+    slots.promote()
+    assert (slots.stable, slots.loaded) == ("c3", None) and slots.to_load(False) == "stable"
+    slots.loaded = "stable"
+    # Dropping a candidate vLLM holds: the next batch reloads stable; one it does not hold: nothing.
+    slots.install("c4")
+    slots.loaded = "candidate"
+    slots.install(None)
+    assert slots.loaded is None and slots.to_load(True) == "stable" and slots.loaded_arm() is None
+    slots.loaded = "stable"
+    slots.install("c5")
+    slots.install(None)
+    assert slots.loaded == "stable" and slots.to_load(False) is None
+    with pytest.raises(RuntimeError, match="no candidate"):
+        slots.promote()
+    with pytest.raises(RuntimeError, match="no candidate weights"):
+        slots.weights("candidate")
+
+
+def test_pick_arm_prefers_the_loaded_arm_for_a_bounded_wait() -> None:
+    from services.serving.engines.base import pick_arm
+
+    # Nothing loaded / the oldest's arm loaded / no job of the loaded arm waits: the oldest's arm.
+    assert pick_arm(True, 0.0, None, True, 1.0) == (True, None)
+    assert pick_arm(True, 0.0, True, True, 1.0) == (True, None)
+    assert pick_arm(True, 0.0, False, False, 1.0) == (True, None)
+    # The other arm is loaded and has jobs: keep it until the oldest has waited hold_s.
+    arm, turns_in = pick_arm(True, 0.25, False, True, 1.0)
+    assert arm is False and turns_in == pytest.approx(0.75)
+    assert pick_arm(False, 0.25, True, True, 1.0) == (True, pytest.approx(0.75))
+    assert pick_arm(True, 1.0, False, True, 1.0) == (True, None)  # waited its hold: its turn
+    assert pick_arm(True, 0.0, False, True, 0.0) == (True, None)  # hold 0: strict oldest first
+
+
+class _ArmEngine:
+    """A fake engine on the real scheduler: records each batch's arm and the weight switches."""
+
+    @staticmethod
+    def make(hold_ms: float, *, switch_costs: bool) -> Any:
+        from services.serving.engines.base import Engine
+
+        class Fake(Engine):
+            name = "fake"
+
+            def __init__(self) -> None:
+                super().__init__(model_name="m", max_batch_size=2, batch_wait_ms=0.0, arm_switch_hold_ms=hold_ms)
+                self.candidate_version = 1
+                self.loaded = False
+                self.batches: list[tuple[bool, int]] = []
+
+            tokenizer = None  # type: ignore[assignment]
+            max_model_len = 64  # type: ignore[assignment]
+
+            def _run_batch(self, batch: list[Job]) -> None:
+                self.batches.append((self._arm(batch[0]), len(batch)))
+                assert len({self._arm(j) for j in batch}) == 1, "a batch mixed the arms"
+                for job in batch:
+                    job.finish("length")
+
+            def state_dict(self) -> dict[str, Any]:
+                return {}
+
+            def _check_weights(self, state_dict: dict[str, Any]) -> None:
+                pass
+
+            def _load_weights(self, state_dict: dict[str, Any]) -> None:
+                pass
+
+            def _loaded_arm(self) -> bool | None:
+                return self.loaded if switch_costs else None
+
+            def _use_candidate(self, on: bool) -> None:
+                if on != self.loaded:
+                    self.arm_switches += 1
+                    self.loaded = on
+
+        return Fake()
+
+
+def _run_arms(engine: Any, arms: list[bool], *, old: int | None = None) -> list[tuple[bool, int]]:
+    """Queue one job per arm (all before the scheduler starts, so batching is deterministic),
+    run them all, and return the batches' (arm, rows). Job `old` arrived 1000 s ago."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = []
+        for i, arm in enumerate(arms):
+            job = Job([1, 2], GenParams(max_tokens=1), decode=lambda ids: "", loop=loop, stream=False)
+            job.candidate = arm
+            if i == old:
+                job.arrived_s -= 1000.0
+            jobs.append(job)
+            engine.submit(job)
+        engine.start()
+        deadline = time.monotonic() + 60
+        while not all(j.done for j in jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.stop()
+        assert all(j.finish_reason == "length" for j in jobs)
+        return engine.batches
+    finally:
+        loop.close()
+
+
+def test_scheduler_holds_the_loaded_arm_and_never_starves_the_other() -> None:
+    c, s = True, False
+    arms = [c, s, s, c, s, s, c]  # the candidate is oldest; stable (loaded) jobs wait too
+    # Strictly oldest first (no hold, or an engine whose arms are both resident).
+    strict = _ArmEngine.make(0.0, switch_costs=True)
+    assert _run_arms(strict, arms) == [(c, 2), (s, 2), (s, 2), (c, 1)]
+    assert strict.arm_switches == 3  # stable loaded at start: to c, to s, to c
+    assert _run_arms(_ArmEngine.make(60_000.0, switch_costs=False), arms) == [(c, 2), (s, 2), (s, 2), (c, 1)]
+    # With a hold, the loaded stable arm runs its jobs first, then the candidate's in one go.
+    held = _ArmEngine.make(60_000.0, switch_costs=True)
+    assert _run_arms(held, arms) == [(s, 2), (s, 2), (c, 2), (c, 1)]
+    assert held.arm_switches == 1
+    # The bound: a job that has waited longer than the hold goes first, loaded arm or not.
+    bounded = _ArmEngine.make(60_000.0, switch_costs=True)
+    assert _run_arms(bounded, arms, old=0)[0] == (c, 2)
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM in the engine's weight methods: records loads, can fail one."""
+
+    def __init__(self) -> None:
+        self.loads: list[dict[str, Any]] = []
+        self.fail_next = False
+        self.cache_resets = 0
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[int]:
+        assert method == "rlfeed_reload"
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("reload failed half-way")
+        self.loads.append(args[0])
+        return [len(args[0])]
+
+    def reset_prefix_cache(self) -> bool:
+        self.cache_resets += 1
+        return True
+
+
+def _bare_vllm_engine(weights: dict[str, Any]) -> Any:
+    """A VllmEngine with its weight bookkeeping but a fake vLLM (no vllm import)."""
+    from services.serving.engines.base import Engine
+    from services.serving.engines.vllm import VllmEngine, WeightSlots
+
+    engine = VllmEngine.__new__(VllmEngine)
+    Engine.__init__(engine, model_name="m", max_batch_size=1, batch_wait_ms=0.0)
+    engine.llm, engine._in_process, engine._slots = _FakeLLM(), True, WeightSlots(weights)
+    return engine
+
+
+def test_vllm_engine_weight_loads_follow_the_arms_and_survive_a_failed_load() -> None:
+    import torch
+
+    s0, s1 = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    c1 = {"w": torch.full((2,), 7.0)}
+    engine = _bare_vllm_engine(s0)
+    llm = engine.llm
+    # A stable hot swap while vLLM holds stable: loaded now, the prefix cache emptied.
+    engine.swap_weights(1, s1)
+    assert [w["w"][0].item() for w in llm.loads] == [1.0] and llm.cache_resets == 1
+    # A candidate: loaded before its first batch only; promoting it while loaded costs nothing.
+    engine.set_candidate(2, c1)
+    assert len(llm.loads) == 1 and engine.candidate_state_dict()["w"][0].item() == 7.0
+    engine._use_candidate(True)
+    engine._use_candidate(True)
+    assert len(llm.loads) == 2 and engine.loaded_slot == "candidate" and engine.arm_switches == 1
+    assert engine.promote_candidate() == 2
+    engine._use_candidate(False)
+    assert len(llm.loads) == 2 and engine.state_dict()["w"][0].item() == 7.0
+    # A load that fails half-way: the swap is refused, vLLM holds neither set, and the next
+    # batch reloads the weights still served instead of running on mixed ones.
+    llm.fail_next = True
+    with pytest.raises(RuntimeError, match="half-way"):
+        engine.swap_weights(3, s0)
+    assert engine.version == 2 and engine.loaded_slot is None and engine.state_dict()["w"][0].item() == 7.0
+    n = len(llm.loads)
+    engine._use_candidate(False)
+    assert len(llm.loads) == n + 1 and llm.loads[-1]["w"][0].item() == 7.0 and engine.loaded_slot == "stable"
+
+
+def test_a_failed_weight_switch_fails_its_batch_only() -> None:
+    """The scheduler calls `_use_candidate` inside the batch's error handling: a reload that
+    raises fails that batch's jobs, and the next batch runs."""
+    engine = _ArmEngine.make(0.0, switch_costs=True)
+    switch = engine._use_candidate
+    failed = [False]
+
+    def flaky(on: bool) -> None:
+        if on and not failed[0]:
+            failed[0] = True
+            raise RuntimeError("reload failed")
+        switch(on)
+
+    engine._use_candidate = flaky
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = []
+        engine.start()
+        for arm in (True, False, True):  # one at a time: one batch each
+            job = Job([1], GenParams(max_tokens=1), decode=lambda ids: "", loop=loop, stream=False)
+            job.candidate = arm
+            jobs.append(job)
+            engine.submit(job)
+            deadline = time.monotonic() + 60
+            while not job.done and time.monotonic() < deadline:
+                time.sleep(0.01)
+        engine.stop()
+    finally:
+        loop.close()
+    assert [j.finish_reason for j in jobs] == ["error", "length", "length"]
+    assert engine.batches == [(False, 1), (True, 1)]
+
+
 # --- integration: a replica running the vLLM engine -------------------------------------
 @pytest.fixture(scope="module")
 def vllm_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's architecture and tokenizer with head_dim 64 (vLLM CPU), sharpened, fp32."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from services.localmodel.build import build_vllm_tiny
 
-    out = tmp_path_factory.mktemp("vllm-model")
-    cfg = AutoConfig.from_pretrained(tiny_model_dir)
-    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 128, 2, 1, 64
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(SHARPEN)
-    model.save_pretrained(out)
-    for f in tiny_model_dir.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
+    return build_vllm_tiny(tmp_path_factory.mktemp("vllm-model"), tiny_model_dir, sharpen=SHARPEN)
 
 
 @pytest.fixture(scope="module")
@@ -302,10 +529,10 @@ def test_logprobs_equal_a_fresh_forward_pass(
     rows: list[int] = []
     hook = engine.on_batch
 
-    def record(n: int, tokens: int, seconds: float) -> None:
-        rows.append(n)
+    def record(batch: list, seconds: float) -> None:
+        rows.append(len(batch))
         if hook is not None:
-            hook(n, tokens, seconds)
+            hook(batch, seconds)
 
     engine.on_batch = record
     prompts = [_prompt(5 + i, i) for i in range(4)]
@@ -460,6 +687,281 @@ def by_id_completion(bootstrap: str, prefix: str, generation_id: str) -> list[in
     return next(e.completion_token_ids for e in evs if e.generation_id == generation_id)
 
 
+# --- a canary candidate on the vLLM engine: one vLLM engine, two weight sets ----------------
+USERS = [f"user-{i}" for i in range(40)]
+LONG_PROMPT = _prompt(140, 7)
+"""Longer than one KV block (128 tokens on CPU): a prefix cached under one arm's weights
+must not serve the other arm (the engine empties vLLM's prefix cache on every load)."""
+
+
+def _arm_users(rep: Any) -> tuple[list[str], list[str]]:
+    """(stable users, candidate users) under the replica's current split."""
+    cand = [u for u in USERS if rep.wants_candidate(u)]
+    return [u for u in USERS if u not in cand], cand
+
+
+def _ask(base_url: str, prompt_ids: list[int], user: str, *, seed: int, max_tokens: int = 6) -> dict:
+    r = httpx.post(
+        f"{base_url}/completions",
+        json={
+            "model": MODEL,
+            "prompt": prompt_ids,
+            "max_tokens": max_tokens,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "seed": seed,
+            "logprobs": 1,
+            "user": user,
+        },
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _rollout(rep: Any, stable: int, candidate: int | None, traffic: float, decision: str = "collect") -> None:
+    """Apply a rollouts.v1 split the way the replica's loader thread does."""
+    from schemas.events import RolloutEvent
+
+    rep.apply_rollout(
+        RolloutEvent(
+            model=MODEL,
+            stable_version=stable,
+            candidate_version=candidate,
+            candidate_traffic=traffic,
+            decision=decision,
+        )
+    )
+
+
+class _Reference:
+    """A transformers forward pass of any weight set (the test model's architecture)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def logprobs(self, weights: dict[str, Any], prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        import torch
+
+        with torch.no_grad():
+            self.model.load_state_dict(weights, strict=False)
+        return reference_logprobs(self.model, prompt_ids, completion_ids)
+
+
+def _events(bootstrap: str, prefix: str, bodies: list[dict]) -> dict[str, Any]:
+    """The generations.v1 events of these responses, by generation id."""
+    from schemas.events import GenerationEvent
+    from schemas.topics import GENERATIONS
+    from tests.test_serving_support import consume
+
+    want = {b["generation_id"] for b in bodies}
+    evs = consume(
+        bootstrap,
+        GENERATIONS.full_name(prefix),
+        GenerationEvent,
+        lambda evs: {e.generation_id for e in evs} >= want,
+        timeout_s=60,
+    )
+    return {e.generation_id: e for e in evs if e.generation_id in want}
+
+
+def _check_produced_by(
+    ref: _Reference, body: dict, ev: Any, prompt_ids: list[int], weights: dict[int, dict], other: dict[int, int]
+) -> float:
+    """The response and its event name one version, and its logprobs are that version's
+    weights' (within ATOL), not those of `other[version]`'s (the other arm's). Returns the
+    largest difference from the other arm's logprobs."""
+    version = body["policy_version"]
+    assert ev.policy_version == version and ev.prompt_token_ids == prompt_ids
+    api = body["choices"][0]["logprobs"]["token_logprobs"]
+    assert ev.completion_logprobs == api
+    ours = ref.logprobs(weights[version], prompt_ids, ev.completion_token_ids)
+    err = max(abs(a - b) for a, b in zip(api, ours, strict=True))
+    assert err <= ATOL, f"version {version}: logprobs differ from its weights' by {err:.3g}"
+    theirs = ref.logprobs(weights[other[version]], prompt_ids, ev.completion_token_ids)
+    apart = max(abs(a - b) for a, b in zip(api, theirs, strict=True))
+    assert apart > 10 * ATOL, f"the arms' logprobs differ by {apart:.3g} only: the check could not fail"
+    return apart
+
+
+def _variant(base: dict[str, Any], factor: float, part: str) -> dict[str, Any]:
+    return {k: (t * factor if part in k else t.clone()) for k, t in base.items()}
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_candidate_arm_serves_the_candidate_weights(
+    replica: Any, store: Any, vllm_model_dir: Path, kafka_bootstrap: str, module_prefix: str
+) -> None:
+    """With a candidate loaded, candidate-arm users get the candidate's weights and the others
+    the stable ones, one vLLM engine switching between them: bit-exact parameters after a batch
+    of each arm, logprobs of each arm's weights on the same (prefix-cacheable) prompt, and each
+    response and event naming the version that produced it."""
+    rep, engine = replica.replica, replica.replica.engine
+    ref = _Reference(vllm_model_dir)
+    stable_v = engine.version
+    stable = {k: t.clone() for k, t in engine.state_dict().items()}
+    cand = _variant(stable, 1.7, "mlp")
+    store.publish(MODEL, 10, cand, parent_version=None, full=True)
+    _rollout(rep, stable_v, 10, 0.5)
+    assert engine.candidate_version == 10 and rep.split.candidate_version == 10
+    assert all(torch_equal(engine.candidate_state_dict()[k], cand[k]) for k in cand)
+    stable_users, cand_users = _arm_users(rep)
+    assert stable_users and cand_users
+
+    switches = engine.arm_switches
+    bodies: list[dict] = []
+    for i in range(2):  # each arm twice, alternating: every batch switches weights
+        for user in (cand_users[i], stable_users[i]):
+            body = _ask(replica.base_url, LONG_PROMPT, user, seed=i)
+            bodies.append(body)
+            if user in cand_users:
+                assert body["policy_version"] == 10 and engine.loaded_slot == "candidate"
+                assert_served_bit_exact(engine, cand)
+            else:
+                assert body["policy_version"] == stable_v and engine.loaded_slot == "stable"
+                assert_served_bit_exact(engine, stable)
+    assert engine.arm_switches >= switches + 3
+    evs = _events(kafka_bootstrap, module_prefix, bodies)
+    weights, other = {stable_v: stable, 10: cand}, {stable_v: 10, 10: stable_v}
+    assert max(_check_produced_by(ref, b, evs[b["generation_id"]], LONG_PROMPT, weights, other) for b in bodies) > (
+        100 * ATOL
+    )
+    _rollout(rep, stable_v, None, 0.0, "rollback")
+    assert engine.candidate_version is None and engine.candidate_state_dict() is None
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_candidate_hot_swap_promote_and_drop(
+    replica: Any, store: Any, vllm_model_dir: Path, kafka_bootstrap: str, module_prefix: str
+) -> None:
+    """The bookkeeping of which set vLLM holds, through the replica's rollout path: a stable
+    hot swap while vLLM holds the candidate, a promote of the candidate vLLM holds (no reload),
+    a new candidate, then its drop; each followed by requests served by the right weights."""
+    rep, engine = replica.replica, replica.replica.engine
+    ref = _Reference(vllm_model_dir)
+    s0_v = engine.version
+    s0 = {k: t.clone() for k, t in engine.state_dict().items()}
+    c1, s1, c2 = _variant(s0, 0.6, "mlp"), _variant(s0, 1.4, "self_attn"), _variant(s0, 2.0, "mlp")
+    store.publish(MODEL, 20, c1, parent_version=None, full=True)
+    store.publish(MODEL, 21, s1, parent_version=None, full=True)
+    store.publish(MODEL, 22, c2, parent_version=None, full=True)
+    prompt = _prompt(9, 3)
+
+    def check(user: str, version: int, weights: dict, other: dict) -> None:
+        body = _ask(replica.base_url, prompt, user, seed=1)
+        assert body["policy_version"] == version
+        assert_served_bit_exact(engine, weights)
+        api = body["choices"][0]["logprobs"]["token_logprobs"]
+        comp = by_id_completion(kafka_bootstrap, module_prefix, body["generation_id"])
+        assert max(abs(a - b) for a, b in zip(api, ref.logprobs(weights, prompt, comp), strict=True)) <= ATOL
+        assert max(abs(a - b) for a, b in zip(api, ref.logprobs(other, prompt, comp), strict=True)) > 100 * ATOL
+
+    _rollout(rep, s0_v, 20, 0.5)
+    stable_users, cand_users = _arm_users(rep)
+    check(cand_users[0], 20, c1, s0)
+    assert engine.loaded_slot == "candidate"
+
+    # A stable hot swap while vLLM holds the candidate: nothing reloads now, the next stable batch loads it.
+    switches = engine.arm_switches
+    engine.swap_weights(21, s1)
+    assert engine.version == 21 and engine.loaded_slot == "candidate" and engine.arm_switches == switches
+    assert all(torch_equal(engine.state_dict()[k], s1[k]) for k in s1)
+    check(cand_users[0], 20, c1, s1)  # the candidate arm is untouched
+    check(stable_users[0], 21, s1, s0)
+    check(cand_users[0], 20, c1, s1)
+
+    # Promote the candidate vLLM holds: no reload, everyone is served v20 now.
+    _rollout(rep, 21, 20, 0.5)  # the split after the hot swap (the stable is 21)
+    assert engine.loaded_slot == "candidate"
+    switches = engine.arm_switches
+    _rollout(rep, 20, None, 0.0, "promote")
+    assert (engine.version, engine.candidate_version, engine.loaded_slot) == (20, None, "stable")
+    for user in (stable_users[0], cand_users[0]):
+        check(user, 20, c1, s1)
+    assert engine.arm_switches == switches, "promoting the loaded candidate reloaded weights"
+
+    # A new candidate, served to its users, then dropped: everyone back on the stable weights.
+    _rollout(rep, 20, 22, 0.5)
+    stable_users, cand_users = _arm_users(rep)
+    check(cand_users[0], 22, c2, c1)
+    _rollout(rep, 20, None, 0.0, "rollback")
+    assert engine.candidate_version is None and engine.loaded_slot is None  # it held the dropped one
+    check(cand_users[0], 20, c1, c2)
+    check(stable_users[0], 20, c1, c2)
+    assert engine.loaded_slot == "stable"
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_interleaved_arms_under_concurrency(
+    replica: Any, store: Any, vllm_model_dir: Path, kafka_bootstrap: str, module_prefix: str
+) -> None:
+    """Concurrent requests of both arms: none fails, batches switch weights, and every
+    generation's policy_version names the weights that produced it (its logprobs are theirs)."""
+    rep, engine = replica.replica, replica.replica.engine
+    ref = _Reference(vllm_model_dir)
+    stable_v = engine.version
+    stable = {k: t.clone() for k, t in engine.state_dict().items()}
+    cand = _variant(stable, 1.8, "mlp")
+    store.publish(MODEL, 30, cand, parent_version=None, full=True)
+    _rollout(rep, stable_v, 30, 0.5)
+    stable_users, cand_users = _arm_users(rep)
+    users = [u for pair in zip(stable_users, cand_users, strict=False) for u in pair][:16]
+    assert len({rep.wants_candidate(u) for u in users}) == 2
+
+    switches = engine.arm_switches
+    prompts = {u: (LONG_PROMPT if i % 2 else _prompt(6 + i % 5, i)) for i, u in enumerate(users)}
+    bodies: dict[str, list[dict]] = {u: [] for u in users}
+    errors: list[BaseException] = []
+
+    def client(users_of: list[str], seed: int) -> None:
+        for n, user in enumerate(users_of):
+            try:
+                bodies[user].append(_ask(replica.base_url, prompts[user], user, seed=seed + n, max_tokens=4))
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(users[i::4] * 2, 100 * i)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    answered = [b for u in users for b in bodies[u]]
+    assert len(answered) == 2 * len(users)
+    for user in users:
+        want = 30 if user in cand_users else stable_v
+        assert {b["policy_version"] for b in bodies[user]} == {want}, user
+    assert engine.arm_switches > switches
+    evs = _events(kafka_bootstrap, module_prefix, answered)
+    weights, other = {stable_v: stable, 30: cand}, {stable_v: 30, 30: stable_v}
+    apart = [
+        _check_produced_by(ref, body, evs[body["generation_id"]], prompts[user], weights, other)
+        for user in users
+        for body in bodies[user]
+    ]
+    assert max(apart) > 100 * ATOL
+    print(
+        f"arm switches: {engine.arm_switches - switches} for {len(answered)} requests, "
+        f"{engine.arm_switch_s:.3f} s in all switches so far"
+    )
+    _rollout(rep, stable_v, None, 0.0, "rollback")
+
+
 # --- the integration tests above, run in the vLLM venv ------------------------------------
 VLLM_VENV_PYTHON = REPO / ".rlfeed" / "venv-vllm" / "bin" / "python"
 
@@ -475,9 +977,22 @@ def test_vllm_engine_suite_in_its_own_venv() -> None:
         "(`bash ops/bootstrap.sh test` does it too)"
     )
     proc = subprocess.run(
-        [str(VLLM_VENV_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-         "-k", "not suite_in_its_own_venv", str(Path(__file__).resolve())],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            str(VLLM_VENV_PYTHON),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "-k",
+            "not suite_in_its_own_venv",
+            str(Path(__file__).resolve()),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail

@@ -6,6 +6,10 @@
 tests (loads in milliseconds, learns nothing useful).
 
 Both are deterministic: the tiny weights come from a fixed seed.
+
+`build_vllm_tiny`: the tiny model's tokenizer and architecture widened to head_dim 64 (vLLM's
+CPU attention supports head sizes 32..512, the tiny model has 16), random fp32 weights from a
+fixed seed, for the vLLM engine's tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -101,4 +105,44 @@ def build(model_dir: Path, variant: Variant = "full", force: bool = False) -> Pa
             }
         )
     )
+    return model_dir
+
+
+VLLM_HEAD_DIM = 64
+"""Head size of the vLLM tiny model (vLLM's CPU attention: 32..512)."""
+
+
+def build_vllm_tiny(model_dir: Path, tiny_dir: Path, *, sharpen: float = 1.0, force: bool = False) -> Path:
+    """Build the vLLM tiny model into `model_dir` from the tiny model at `tiny_dir` (idempotent).
+
+    Same config, tokenizer and files as `tiny_dir`, with hidden_size 128, 2 attention heads,
+    1 KV head of size `VLLM_HEAD_DIM`; weights from seed 0, fp32. `sharpen` multiplies the
+    final norm's weight, so outputs are peaked (logprobs spread over nats) rather than uniform.
+    Written into a temporary sibling and renamed into place, like `build`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir, tiny_dir = Path(model_dir), Path(tiny_dir)
+    if is_built(model_dir) and not force:
+        return model_dir
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 128, 2, 1, VLLM_HEAD_DIM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(sharpen)
+    tmp = model_dir.with_name(model_dir.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for f in tiny_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", MARKER):
+            shutil.copy(f, tmp / f.name)
+    n_params = sum(p.numel() for p in model.parameters())
+    (tmp / MARKER).write_text(
+        json.dumps({"variant": "vllm-tiny", "source": str(tiny_dir), "sharpen": sharpen, "parameters": n_params})
+    )
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(model_dir)
     return model_dir

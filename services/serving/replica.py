@@ -22,8 +22,8 @@ Every replica counts, per policy version, the requests its engine ran, the ones 
 failed, and a latency histogram of the answered ones (`VersionTrafficCounter`), and
 reports them cumulatively on each replica-status.v1 heartbeat; the streams worker's
 rollout guardrails (error rate, latency p95) read them. While a candidate is loaded the
-heartbeat runs at least every `CANDIDATE_STATUS_INTERVAL_S`, so a failing or slow
-candidate is seen within seconds.
+heartbeat runs at least every `candidate_status_interval_s` (ServingSettings), so a
+failing or slow candidate is seen within seconds.
 """
 
 from __future__ import annotations
@@ -46,9 +46,6 @@ from services.serving.split import Split
 from services.serving.updates import UpdateFollower
 
 log = logging.getLogger(__name__)
-
-CANDIDATE_STATUS_INTERVAL_S = 2.0
-"""Longest heartbeat period while a rollout candidate is loaded (the guardrails' input)."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +103,19 @@ class Replica:
         self._last_pause_s = 0.0
         engine.on_batch = self._on_batch
         self._time_weight_copies()
-        self._count_batches()
         m = self.metrics
         m.gauge("rlfeed_serving_policy_version", "Policy version being served.", lambda: self.engine.version)
         m.gauge("rlfeed_serving_queue_depth", "Requests waiting for a batch.", lambda: self.engine.queue_depth)
+        m.gauge(
+            "rlfeed_serving_arm_switches",
+            "Weight reloads between a rollout's arms (engines holding one weight set: vLLM).",
+            lambda: self.engine.arm_switches,
+        )
+        m.gauge(
+            "rlfeed_serving_arm_switch_seconds",
+            "Total seconds arm switches held batches off.",
+            lambda: self.engine.arm_switch_s,
+        )
         m.gauge("rlfeed_serving_events_buffered", "Events held in memory for the broker.", lambda: self.sink.buffered)
         m.gauge("rlfeed_serving_events_delivered", "Events the broker acknowledged.", lambda: self.sink.delivered)
         m.labelled_gauge(
@@ -198,7 +204,7 @@ class Replica:
 
     def _heartbeat(self) -> None:
         last = time.monotonic()
-        while not self._stop.wait(min(self.settings.status_interval_s, CANDIDATE_STATUS_INTERVAL_S)):
+        while not self._stop.wait(min(self.settings.status_interval_s, self.settings.candidate_status_interval_s)):
             if time.monotonic() - last >= self._heartbeat_interval_s():
                 self.report()
                 last = time.monotonic()
@@ -206,7 +212,7 @@ class Replica:
     def _heartbeat_interval_s(self) -> float:
         interval = self.settings.status_interval_s
         if self.engine.candidate_version is not None:
-            return min(interval, CANDIDATE_STATUS_INTERVAL_S)
+            return min(interval, self.settings.candidate_status_interval_s)
         return interval
 
     def emit_generation(self, ev: Any) -> None:
@@ -216,10 +222,21 @@ class Replica:
         if self.sink.emit(GENERATIONS, ev):
             self.metrics.events_emitted.labels(GENERATIONS.name).inc()
 
-    def _on_batch(self, rows: int, tokens: int, seconds: float) -> None:
-        self.metrics.batch_size.observe(rows)
+    def _on_batch(self, batch: list[Any], seconds: float) -> None:
+        """Batch metrics, and requests and failures per version (a batch is one arm; every
+        job is finished and names its version, a failed one has finish_reason "error")."""
+        self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_seconds.observe(seconds)
-        self.metrics.completion_tokens.inc(tokens)
+        self.metrics.completion_tokens.inc(sum(len(j.tokens) for j in batch))
+        by_version: dict[int, list[int]] = {}
+        for job in batch:
+            if job.version is None:
+                continue
+            counts = by_version.setdefault(job.version, [0, 0])
+            counts[0] += 1
+            counts[1] += int(job.finish_reason == "error")
+        for version, (requests, failures) in by_version.items():
+            self.traffic.ran(version, requests, failures)
 
     # --- hot swap ------------------------------------------------------------------
     def _time_weight_copies(self) -> None:
@@ -236,32 +253,6 @@ class Replica:
                 self.metrics.swap_pause_seconds.observe(self._last_pause_s)
 
         self.engine._load_weights = timed  # type: ignore[method-assign]
-
-    def _count_batches(self) -> None:
-        """Count requests and failures per version: wrap the engine's `_run_batch`, which runs
-        one batch of one arm (every job's `version` is set before it is called)."""
-        run = self.engine._run_batch
-
-        def counted(batch: list[Any]) -> None:
-            try:
-                run(batch)
-            except Exception:
-                self._count(batch, failed_all=True)
-                raise
-            self._count(batch, failed_all=False)
-
-        self.engine._run_batch = counted  # type: ignore[method-assign]
-
-    def _count(self, batch: list[Any], *, failed_all: bool) -> None:
-        by_version: dict[int, list[int]] = {}
-        for job in batch:
-            if job.version is None:
-                continue
-            counts = by_version.setdefault(job.version, [0, 0])
-            counts[0] += 1
-            counts[1] += int(failed_all or job.finish_reason == "error")
-        for version, (requests, failures) in by_version.items():
-            self.traffic.ran(version, requests, failures)
 
     def offer_update(self, ev: ModelUpdateEvent | RolloutEvent) -> None:
         """Queue a model update or a rollout split (the newest offered wins); called by the follower."""

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from services.config import RlfeedSettings, StoreLocation
 
@@ -42,6 +42,15 @@ class ServingSettings(RlfeedSettings):
     """Most requests decoded together in one batch."""
     batch_wait_ms: float = 5.0
     """How long the first waiting request may wait for others to join its batch."""
+    arm_switch_hold_ms: float = 200.0
+    """Engines that hold one weight set at a time (vLLM) during a canary rollout: how long the
+    oldest waiting request of one arm (stable / candidate) may wait while the arm whose
+    weights are loaded keeps batching its own waiting requests, so that a small candidate
+    slice does not force a weight reload before every batch. A request waits at most
+    max(this, batch_wait_ms) plus the batch running then; 0 batches strictly by the oldest
+    request. It adds up to this much latency to the smaller arm, which the rollout's
+    latency guardrail compares between arms: keep it below its latency_p95_slack_ms (250).
+    The transformers engine holds both arms and ignores it."""
     max_model_len_tokens: int = 2048
     """Longest prompt + completion, in tokens (also capped by the model's config)."""
     default_max_tokens: int = 256
@@ -59,6 +68,10 @@ class ServingSettings(RlfeedSettings):
     """How long a buffered event waits for the broker before it is dropped (counted)."""
     status_interval_s: float = 30.0
     """Period of the replica-status heartbeat."""
+    candidate_status_interval_s: float = Field(2.0, gt=0)
+    """Longest replica-status heartbeat period while a rollout candidate is loaded: the
+    rollout's error-rate and latency guardrails read the per-version counters it carries,
+    so a failing or slow candidate is seen within this many seconds."""
     user_header: str = "x-rlfeed-user"
     """Request header carrying the pseudonymous user id when the body has no `user`."""
     session_header: str = "x-rlfeed-session"
@@ -87,6 +100,8 @@ class ServingSettings(RlfeedSettings):
             raise ValueError("max_batch_size: must be >= 1")
         if self.batch_wait_ms < 0:
             raise ValueError("batch_wait_ms: must be >= 0")
+        if self.arm_switch_hold_ms < 0:
+            raise ValueError("arm_switch_hold_ms: must be >= 0")
         if self.event_buffer_max < 1:
             raise ValueError("event_buffer_max: must be >= 1")
         if self.default_max_tokens < 1 or self.default_max_tokens > self.max_model_len_tokens:

@@ -11,6 +11,13 @@ asks for it (`Job.candidate`, from the sticky split); a batch holds jobs of one 
 and a job that asked for a candidate which is gone by the time its batch starts runs on
 the stable weights. The candidate is prepared outside the lock and put in place, promoted
 (it becomes the stable weights) or dropped with a reference swap under the lock.
+
+A batch's arm is the oldest waiting job's, so neither arm starves. An engine for which an
+arm switch costs something (the vLLM engine reloads its one weight set) reports the arm it
+holds (`_loaded_arm`); with `arm_switch_hold_ms` > 0 the scheduler then keeps batching
+that arm while jobs of it wait, until the oldest job of the other arm has waited that long
+(`pick_arm`). An engine whose arms are both resident (transformers) reports none, and
+batches strictly by the oldest job.
 """
 
 from __future__ import annotations
@@ -158,8 +165,26 @@ class Job:
         raise RuntimeError("job ended without a finish reason")
 
 
-BatchHook = Callable[[int, int, float], None]
-"""Called after each batch with (rows, tokens generated, seconds)."""
+BatchHook = Callable[[list["Job"], float], None]
+"""Called after each batch with its jobs (all finished, each naming its version; a failed
+one with finish_reason "error", whether the batch or the arm switch before it failed) and
+the seconds the batch held the generation lock."""
+
+
+def pick_arm(
+    oldest_arm: bool, oldest_waited_s: float, loaded_arm: bool | None, loaded_arm_waiting: bool, hold_s: float
+) -> tuple[bool, float | None]:
+    """The arm of the next batch (True: the candidate), and the seconds after which the choice
+    turns to the oldest job's arm (None: it is that arm already).
+
+    The oldest waiting job's arm, unless the engine holds the other arm's weights
+    (`loaded_arm`; None: switching costs nothing), jobs of that arm are waiting too, and the
+    oldest job has waited less than `hold_s`: then the loaded arm, saving a weight switch.
+    So a job waits at most max(hold_s, batch wait) plus the batch running when that ends.
+    """
+    if loaded_arm is None or loaded_arm == oldest_arm or not loaded_arm_waiting or oldest_waited_s >= hold_s:
+        return oldest_arm, None
+    return loaded_arm, hold_s - oldest_waited_s
 
 
 class Engine(ABC):
@@ -167,10 +192,18 @@ class Engine(ABC):
 
     name: str = "base"
 
-    def __init__(self, *, model_name: str, max_batch_size: int, batch_wait_ms: float) -> None:
+    def __init__(
+        self, *, model_name: str, max_batch_size: int, batch_wait_ms: float, arm_switch_hold_ms: float = 0.0
+    ) -> None:
         self.model_name = model_name
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.arm_switch_hold_s = arm_switch_hold_ms / 1000.0
+        """How long the oldest job may wait while the other, loaded arm keeps batching (`pick_arm`)."""
+        self.arm_switches = 0
+        """Weight switches between the arms (engines that hold one weight set at a time)."""
+        self.arm_switch_s = 0.0
+        """Total wall seconds those switches held batches off."""
         self.max_batch_tokens: int | None = None
         self.version = 0
         """The policy version being served (0: the model directory); the stable one during a rollout."""
@@ -227,6 +260,12 @@ class Engine(ABC):
 
     def candidate_state_dict(self) -> dict[str, Any] | None:
         """The candidate's weights (the base a delta may apply to), or None."""
+        return None
+
+    def _loaded_arm(self) -> bool | None:
+        """The arm whose weights the engine computes with when switching arms costs a reload
+        (True: the candidate), else None. Read by the scheduler without the generation lock:
+        a hint for batching, never for correctness."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
@@ -322,11 +361,24 @@ class Engine(ABC):
                 for job in [j for j in self._waiting if j.cancelled]:
                     self._waiting.remove(job)
                     job.finish("abort")
-                oldest = self._waiting[0].arrived_s if self._waiting else None
-                # One arm per batch: the oldest job's, so neither arm starves.
-                arm = self._arm(self._waiting[0]) if self._waiting else False
+                now = time.monotonic()
+                # One arm per batch: the oldest job's, so neither arm starves (or, for a
+                # bounded wait, the arm whose weights are loaded: `pick_arm`).
+                arm, turns_in = False, None
+                if self._waiting:
+                    loaded = self._loaded_arm() if self.arm_switch_hold_s > 0 else None
+                    arm, turns_in = pick_arm(
+                        self._arm(self._waiting[0]),
+                        now - self._waiting[0].arrived_s,
+                        loaded,
+                        loaded is not None and any(self._arm(j) == loaded for j in self._waiting),
+                        self.arm_switch_hold_s,
+                    )
                 pool = [i for i, j in enumerate(self._waiting) if self._arm(j) == arm]
-                wait = ready_in_s(len(pool), oldest, time.monotonic(), self.max_batch_size, self.batch_wait_s)
+                oldest = self._waiting[pool[0]].arrived_s if pool else None
+                wait = ready_in_s(len(pool), oldest, now, self.max_batch_size, self.batch_wait_s)
+                if wait is not None and turns_in is not None:
+                    wait = min(wait, turns_in)
                 if wait == 0.0 and self._swaps_pending == 0:
                     chosen = [
                         pool[i]
@@ -348,10 +400,10 @@ class Engine(ABC):
             with self.generation_lock:
                 started = time.monotonic()
                 on_candidate = self._arm(batch[0])
-                self._use_candidate(on_candidate)
                 for job in batch:
                     job.version = self.candidate_version if on_candidate else self.version
                 try:
+                    self._use_candidate(on_candidate)  # may reload weights (vLLM): may fail
                     self._run_batch(batch)
                 except Exception as exc:  # one bad batch must not kill the replica
                     for job in batch:
@@ -361,4 +413,4 @@ class Engine(ABC):
                         job.finish("length")
                 if self.on_batch is not None:
                     with contextlib.suppress(Exception):
-                        self.on_batch(len(batch), sum(len(j.tokens) for j in batch), time.monotonic() - started)
+                        self.on_batch(batch, time.monotonic() - started)
