@@ -11,12 +11,18 @@ Baseline in the same run: a naive z-test at one-sided 5% (z >= 1.645 promotes, <
 rolls back) peeked after every sample, same warm-up and budget.
 
 `--demo` measures the policy `rlfeed demo` runs instead (DemoSettings: half the users on
-the candidate, a budget of 200 samples, and `promote_if_not_worse` when it is spent), at
+the candidate, a budget of 100 samples, and `promote_if_not_worse` when it is spent), at
 the demo's accept rates (stable 0.3): there an equal candidate is promoted about half the
 time by design, so the figures to read are the worse settings' promote rates, the better
 one's, and the events to a decision.
 
-Run: `.venv/bin/python bench/rollout.py [--demo]` (< 60 s on one slow core).
+`--traffic`, `--max-samples` and `--min-per-arm` override the policy's (to compare demo
+settings); `--samples-per-s` converts events to seconds at that sample rate (default for
+`--demo`: the demo's ~0.8 samples/s) next to the trainer's publish interval in samples
+(`--demo`: publish_every_steps x trainer_batch_size / (1 - 1/heldout_every)).
+
+Run: `.venv/bin/python bench/rollout.py [--demo] [--traffic F --max-samples N ...]` (< 60 s
+on one slow core).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +44,9 @@ from streams.rollout import RolloutPolicy, decide, msprt, policy_from_settings
 from streams.settings import StreamsSettings
 
 PROMOTE, ROLLBACK, NONE = 1, -1, 0
+DEMO_SAMPLES_PER_S = 0.8
+"""Samples per second the real-model demo settles (two replicas, 24 simulated users): its
+budget of 200 samples took about 4 minutes."""
 Z_ONE_SIDED_5PCT = 1.6448536269514722
 
 
@@ -120,8 +130,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--replay", type=int, default=4, help="simulations per setting re-run through the scalar decide")
     ap.add_argument("--demo", action="store_true", help="the policy `rlfeed demo` runs (default p-stable 0.3)")
+    ap.add_argument("--traffic", type=float, help="override: the candidate's traffic share")
+    ap.add_argument("--max-samples", type=int, help="override: the sample budget of both arms")
+    ap.add_argument("--min-per-arm", type=int, help="override: samples per arm before the reward test decides")
+    ap.add_argument("--samples-per-s", type=float, help="sample rate for the seconds figures (--demo: 0.8)")
     args = ap.parse_args()
     policy = policy_from_settings(StreamsSettings())
+    publish_every_samples = None
     if args.demo:
         from services.demo.settings import DemoSettings
 
@@ -136,6 +151,16 @@ def main() -> None:
         )
         if args.p_stable == 0.5:
             args.p_stable = 0.3
+        if args.samples_per_s is None:
+            args.samples_per_s = DEMO_SAMPLES_PER_S
+        trained = demo.demo_publish_every_steps * demo.demo_trainer_batch_size
+        publish_every_samples = round(trained / (1.0 - 1.0 / demo.demo_heldout_every))
+    overrides = {
+        "candidate_traffic_frac": args.traffic,
+        "max_samples": args.max_samples,
+        "min_samples_per_arm": args.min_per_arm,
+    }
+    policy = replace(policy, **{k: v for k, v in overrides.items() if v is not None})
     started = time.perf_counter()
     p = args.p_stable
     settings = [
@@ -143,6 +168,7 @@ def main() -> None:
         ("worse_10pct", p, p * 0.9),
         ("worse_20pct", p, p * 0.8),
         ("better_20pct", p, p * 1.2),
+        ("better_30pct", p, p * 1.3),
     ]
     results = {
         name: run_setting(name, ps, pc, policy, args.sims, args.seed + i, args.replay)
@@ -158,7 +184,14 @@ def main() -> None:
         "false_promotion_target": 0.05,
         "power_20pct_better": results["better_20pct"]["promote_rate"],
         "power_target": 0.8,
+        "power_30pct_better": results["better_30pct"]["promote_rate"],
         "median_events_to_decision": {n: r["median_events_to_decision"] for n, r in results.items()},
+        "p90_events_to_decision": {n: r["p90_events_to_decision"] for n, r in results.items()},
+        "samples_per_s": args.samples_per_s,
+        "median_s_to_decision": None
+        if args.samples_per_s is None
+        else {n: round(r["median_events_to_decision"] / args.samples_per_s) for n, r in results.items()},
+        "publish_every_samples": publish_every_samples,
         "baseline_naive_z_false_promotion_rate": max(
             results[n]["baseline_naive_z_promote_rate"] for n in ("equal", "worse_10pct", "worse_20pct")
         ),

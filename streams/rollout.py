@@ -52,6 +52,17 @@ candidate's counters count from zero (it is served only during its rollout); sta
 from their value when the controller first saw them during the rollout, so after a
 restart of the worker the stable arm restarts from the next report.
 
+Both arms' samples cover the same window: from when the candidate was first seen serving
+(`Rollout.serving_ms`: the earliest generation time of a candidate sample, or the time of
+the first replica-status report of requests on the candidate, whichever is earlier), not
+from when the rollout was declared. Loading a candidate takes a replica seconds to
+minutes, and stable samples of that time would otherwise spend the sample budget and
+weigh a stable arm from another window. A report comes up to one heartbeat after the
+candidate's first request, and samples arrive out of generation order, so the start only
+moves earlier as evidence arrives: stable samples generated before the current start
+wait (`Rollout.held`, bounded, oldest dropped first) and are counted if it moves back
+past them.
+
 A version published while a rollout runs is queued, not swapped in: one pending slot,
 a newer version replacing an older pending one. Replacing the running candidate would
 throw its evidence away and could starve promotion forever when the trainer publishes
@@ -75,6 +86,10 @@ from services.rollout.arms import ArmCounts, decode_arm, encode_arms
 
 NO_VERSION = -1.0
 """How `rollout.pending_version` says "none" in the arms map (a map of floats)."""
+NOT_YET = -1.0
+"""How `rollout.serving_ms` says "the candidate has not been seen serving yet"."""
+HELD_MAX = 20_000
+"""Most stable samples held from before the window's start (the oldest go first)."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +306,12 @@ class Rollout:
     """Samples counted when the last collect report was sent."""
     traffic_base: dict[ReplicaKey, dict[int, Traffic]] = field(default_factory=dict)
     """Per replica process, its counters when this rollout first saw it (see the module doc)."""
+    serving_ms: int | None = None
+    """When the candidate was first seen serving (None: not yet); stable samples generated
+    before it are not counted (see the module doc)."""
+    held: deque[tuple[int, bool, float, int]] = field(default_factory=lambda: deque(maxlen=HELD_MAX))
+    """Stable samples (generated_at_ms, success, reward, completion tokens) generated before
+    `serving_ms` (or while it is None), counted if the window's start moves back past them."""
 
     def base_for(self, key: ReplicaKey, counters: dict[int, Traffic]) -> dict[int, Traffic]:
         """The baseline of a replica process, set on first sight: nothing if it started after
@@ -302,8 +323,12 @@ class Rollout:
             self.traffic_base[key] = base
         return base
 
-    def update_traffic(self, replicas: Mapping[ReplicaKey, dict[int, Traffic]]) -> None:
-        """Both arms' requests, failures and latency p95 from the replicas' latest counters."""
+    def update_traffic(
+        self, replicas: Mapping[ReplicaKey, dict[int, Traffic]], heard_ms: Mapping[ReplicaKey, int] | None = None
+    ) -> None:
+        """Both arms' requests, failures and latency p95 from the replicas' latest counters;
+        a replica that ran candidate requests marks the candidate serving as of its report
+        (`heard_ms`: each replica process's last report time)."""
         if self.candidate_version is None:
             return
         parts: dict[str, list[Traffic]] = {"stable": [], "candidate": []}
@@ -311,9 +336,33 @@ class Rollout:
             base = self.base_for(key, counters)
             for arm, version in (("stable", self.stable_version), ("candidate", self.candidate_version)):
                 if version in counters:
-                    parts[arm].append(traffic_since(counters[version], base.get(version)))
+                    share = traffic_since(counters[version], base.get(version))
+                    parts[arm].append(share)
+                    if arm == "candidate" and share.requests > 0 and heard_ms is not None and key in heard_ms:
+                        self.candidate_serving(heard_ms[key])
         for arm, shares in parts.items():
             arm_traffic(self.arms[arm], shares)
+
+    def candidate_serving(self, at_ms: int) -> None:
+        """The candidate served at `at_ms`: the window starts then unless it did earlier (held
+        stable samples generated since are counted, older ones keep waiting)."""
+        if self.serving_ms is not None and self.serving_ms <= at_ms:
+            return
+        self.serving_ms = at_ms
+        before: deque[tuple[int, bool, float, int]] = deque(maxlen=HELD_MAX)
+        for entry in self.held:
+            if entry[0] >= at_ms:
+                self._add("stable", *entry[1:])
+            else:
+                before.append(entry)
+        self.held = before
+
+    def _add(self, arm: str, success: bool, reward: float, tokens: int) -> None:
+        a = self.arms[arm]
+        a.n += 1
+        a.successes += int(success)
+        a.reward_sum += reward
+        a.tokens_sum += tokens
 
     @property
     def key(self) -> tuple[int, int | None, int]:
@@ -329,7 +378,8 @@ class Rollout:
         return "stable" if version == self.stable_version else None
 
     def count(self, sample: SampleLike, policy: RolloutPolicy) -> bool:
-        """Count one sample if it belongs to this rollout; True if it was counted."""
+        """Count one sample if it belongs to this rollout's window (a stable one from before
+        the window's start waits in `held`); True if it was counted or held."""
         arm = self.arm_of(sample.policy_version)
         if (
             arm is None
@@ -338,12 +388,20 @@ class Rollout:
             or sample.generation_id in self.counted
         ):
             return False
+        entry = (
+            sample.generated_at_ms,
+            sample.reward > policy.success_reward_min,
+            sample.reward,
+            len(sample.completion_token_ids),
+        )
+        if arm == "candidate":
+            self.candidate_serving(sample.generated_at_ms)
+        elif self.serving_ms is None or sample.generated_at_ms < self.serving_ms:
+            self.counted.add(sample.generation_id)
+            self.held.append(entry)  # before the window (as far as is known yet)
+            return True
         self.counted.add(sample.generation_id)
-        a = self.arms[arm]
-        a.n += 1
-        a.successes += int(sample.reward > policy.success_reward_min)
-        a.reward_sum += sample.reward
-        a.tokens_sum += len(sample.completion_token_ids)
+        self._add(arm, *entry[1:])
         return True
 
     def metrics(self, extra: dict[str, float] | None = None) -> dict[str, float]:
@@ -354,6 +412,8 @@ class Rollout:
             out["candidate.version"] = float(self.candidate_version)
         out["rollout.started_ms"] = float(self.started_ms)
         out["rollout.pending_version"] = NO_VERSION if self.pending_version is None else float(self.pending_version)
+        out["rollout.serving_ms"] = NOT_YET if self.serving_ms is None else float(self.serving_ms)
+        out["rollout.held_stable_samples"] = float(len(self.held))
         out.update(extra or {})
         return out
 
@@ -361,6 +421,7 @@ class Rollout:
 def rollout_from_event(ev: RolloutEvent) -> Rollout:
     """The split an event declares, with the arms it reports (a restart recounts them from samples)."""
     pending = ev.arms.get("rollout.pending_version", NO_VERSION)
+    serving = ev.arms.get("rollout.serving_ms", NOT_YET)
     return Rollout(
         model=ev.model,
         stable_version=ev.stable_version,
@@ -368,6 +429,7 @@ def rollout_from_event(ev: RolloutEvent) -> Rollout:
         candidate_traffic=ev.candidate_traffic,
         started_ms=int(ev.arms.get("rollout.started_ms", ev.event_time_ms)),
         pending_version=None if pending < 0 else int(pending),
+        serving_ms=None if serving < 0 else int(serving),
     )
 
 
@@ -399,7 +461,7 @@ def conclude(
     assert r.candidate_version is not None
     decided = r.candidate_version
     stable = decided if decision == RolloutDecision.PROMOTE else r.stable_version
-    ended = Rollout(r.model, stable, None, 0.0, r.started_ms, None, r.arms)
+    ended = Rollout(r.model, stable, None, 0.0, r.started_ms, None, r.arms, serving_ms=r.serving_ms)
     versions = {"rollout.decided_version": float(decided), "stable.version": float(r.stable_version)}
     versions["candidate.version"] = float(decided)  # the arms describe the rollout that just ended
     events = [_event(ended, decision, reason, now_ms, **stats, **versions)]
@@ -463,6 +525,7 @@ def on_model_update(
     if r.pending_version is not None and v < r.pending_version:
         return []
     queued = Rollout(r.model, r.stable_version, r.candidate_version, r.candidate_traffic, r.started_ms, v, r.arms)
+    queued.serving_ms = r.serving_ms
     return [
         _event(queued, RolloutDecision.COLLECT, f"version {v} queued behind candidate {r.candidate_version}", now_ms)
     ]
@@ -507,7 +570,7 @@ class RolloutController:
             old.pending_version = new.pending_version
             return False
         self.rollouts[ev.model] = new
-        new.update_traffic(self.replicas.get(ev.model, {}))
+        new.update_traffic(self.replicas.get(ev.model, {}), self._heard_ms)
         return True
 
     def on_replica_status(self, ev: ReplicaStatusEvent) -> None:
@@ -525,10 +588,10 @@ class RolloutController:
                 reps.pop(stale, None)
         r = self.rollouts.get(ev.model)
         if r is not None:
-            r.update_traffic(known)
+            r.update_traffic(known, self._heard_ms)
 
     def on_sample(self, sample: SampleLike) -> bool:
-        """Count a sample toward its model's running rollout; True if counted."""
+        """Count a sample toward its model's running rollout; True if counted (or held for its window)."""
         r = self.rollouts.get(sample.model)
         return r is not None and r.count(sample, self.policy)
 

@@ -224,3 +224,28 @@ def test_old_replicas_without_counters_and_silent_ones_are_ignored() -> None:
     ctl.on_replica_status(status("b", 10, 2000 + 3_600_001, {1: (1, 0, [])}))
     assert set(ctl.replicas["m"]) == {("b", 10)}
     assert ctl.rollouts["m"].arms["candidate"].requests == 1
+
+
+def test_a_replica_report_of_candidate_requests_opens_the_sample_window() -> None:
+    ctl = RolloutController(POLICY, report_every_samples=10_000)
+    start(ctl, 1, 0, t=1000)
+    r = ctl.rollouts["m"]
+    ctl.on_sample(sample("s-loading", 0, 1.0, t=1500))
+    ctl.on_sample(sample("s-serving", 0, 1.0, t=1900))
+    ctl.on_replica_status(status("a", 10, 1700, {0: (30, 0, [50.0] * 30)}))  # still loading the candidate
+    assert r.serving_ms is None and len(r.held) == 2
+    ctl.on_replica_status(status("a", 10, 1800, {0: (40, 0, [50.0] * 40), 1: (2, 0, [60.0] * 2)}))
+    assert r.serving_ms == 1800 and len(r.held) == 1
+    assert r.arms["stable"].n == 1  # the sample from before the candidate served is not counted
+    ctl.on_replica_status(status("b", 10, 1850, {1: (1, 0, [60.0])}))  # a later replica moves nothing
+    assert r.serving_ms == 1800
+
+
+def test_candidate_status_interval_is_a_validated_setting() -> None:
+    from pydantic import ValidationError
+
+    from services.serving.settings import ServingSettings
+
+    assert ServingSettings().candidate_status_interval_s == 2.0
+    with pytest.raises(ValidationError, match="candidate_status_interval_s"):
+        ServingSettings(candidate_status_interval_s=0)

@@ -8,12 +8,14 @@ decides in seconds; the split, the weights and the events are the real ones.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -21,8 +23,9 @@ from confluent_kafka import Producer
 
 from schemas.codec import encode, key_of
 from schemas.events import ModelUpdateEvent, SampleEvent, now_ms
-from schemas.topics import MODEL_UPDATES, SAMPLES
+from schemas.topics import MODEL_UPDATES, ROLLOUTS, SAMPLES
 from services.kafka.producers import producer_config
+from services.rollout.control import read_latest
 from services.serving.split import Split
 from tests.test_serving_support import wait_for
 from tests.test_streams_worker import Worker
@@ -40,7 +43,23 @@ def _publish(bootstrap: str, prefix: str, events: list) -> None:
     assert p.flush(30) == 0
 
 
-def _samples(version: int, accept_rate: float, n: int, rng: random.Random) -> list[SampleEvent]:
+def _consumed(bootstrap: str, group: str, topic: str) -> bool:
+    """Whether consumer group `group` committed every partition of `topic` to its end."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        committed = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        ends = [c.get_watermark_offsets(tp, timeout=10)[1] for tp in committed]
+        return all(end == 0 or tp.offset >= end for tp, end in zip(committed, ends, strict=True))
+    finally:
+        c.close()
+
+
+def _samples(
+    version: int, accept_rate: float, n: int, rng: random.Random, generated_at_ms: int | None = None
+) -> list[SampleEvent]:
     return [
         SampleEvent(
             generation_id=f"gen-{uuid.uuid4().hex}",
@@ -56,7 +75,7 @@ def _samples(version: int, accept_rate: float, n: int, rng: random.Random) -> li
             feedback_event_ids=[],
             settle_reason="terminal",
             user_id=rng.choice(USERS),
-            generated_at_ms=now_ms(),
+            generated_at_ms=now_ms() if generated_at_ms is None else generated_at_ms,
         )
         for _ in range(n)
     ]
@@ -82,10 +101,11 @@ def test_worse_candidate_rolled_back_better_promoted(
         MODEL, 2, {k: t * 0.5 if "mlp" in k else t for k, t in v0.items()}, parent_version=1, full=False
     )
 
+    group = f"g-{uuid.uuid4().hex[:8]}"
     worker = Worker(
         kafka_bootstrap,
         topic_prefix,
-        f"g-{uuid.uuid4().hex[:8]}",
+        group,
         tmp_path / "worker.log",
         RLFEED_ROLLOUT_ENABLED="true",
         RLFEED_ROLLOUT_CANDIDATE_TRAFFIC_FRAC=str(TRAFFIC),
@@ -107,6 +127,7 @@ def test_worse_candidate_rolled_back_better_promoted(
         default_max_tokens=3,
     )
     rng = random.Random(5)
+    rollouts_topic = ROLLOUTS.full_name(topic_prefix)
     results: list[tuple[float, str, int]] = []  # (time, user, version)
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -151,15 +172,24 @@ def test_worse_candidate_rolled_back_better_promoted(
             during = [(u, v) for t, u, v in results if t > loaded_at]
             split = Split(0, 1, TRAFFIC)
             assert all(v == (1 if split.wants_candidate(MODEL, u) else 0) for u, v in during), during
-            _publish(kafka_bootstrap, topic_prefix, _samples(0, 0.8, 60, rng) + _samples(1, 0.1, 60, rng))
-            worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=30)
+            # Stable samples generated while the candidate was still loading (1 ms after the
+            # rollout started) are outside the compared window: consumed first, never counted.
+            started_ms = int(read_latest(kafka_bootstrap, rollouts_topic)[MODEL][0].arms["rollout.started_ms"])
+            _publish(kafka_bootstrap, topic_prefix, _samples(0, 1.0, 200, rng, generated_at_ms=started_ms + 1))
+            samples_topic = SAMPLES.full_name(topic_prefix)
+            wait_for(lambda: _consumed(kafka_bootstrap, f"{topic_prefix}{group}-app", samples_topic), 30, "early")
+            # Candidate samples first: stamped before the stable ones, as a candidate's real
+            # first answers are before the replica report that counts them.
+            _publish(kafka_bootstrap, topic_prefix, _samples(1, 0.1, 60, rng) + _samples(0, 0.8, 60, rng))
+            rolled = worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=30)
+            assert rolled["stable_n"] <= 60 and rolled["reason"].startswith("candidate worse"), rolled
             wait_for(lambda: candidate_everywhere(None), 30, "the rollback to reach both replicas")
             assert all(s.replica.engine.version == 0 for s in replicas)
 
             # --- 2. a better candidate: promoted, then served to everyone ---------------
             _publish(kafka_bootstrap, topic_prefix, [ev2])
             wait_for(lambda: candidate_everywhere(2), 30, "candidate 2")
-            _publish(kafka_bootstrap, topic_prefix, _samples(0, 0.3, 60, rng) + _samples(2, 0.95, 60, rng))
+            _publish(kafka_bootstrap, topic_prefix, _samples(2, 0.95, 60, rng) + _samples(0, 0.3, 60, rng))
             worker.wait_log("rollout_decision", lambda r: r["decision"] == "promote", timeout_s=30)
             wait_for(lambda: all(s.replica.engine.version == 2 for s in replicas), 30, "the promotion")
             promoted_at = time.monotonic()
@@ -285,5 +315,160 @@ def test_failing_candidate_rolled_back_by_the_error_guardrail(
     assert all(split.wants_candidate(model, u) for _, u, _ in failed)  # only the candidate's users failed
     assert not [f for f in failed if f[0] > dropped_at]
     assert {v for t, _, v in ok if t > dropped_at} == {0}
+    decisions = [r["decision"] for r in worker.events("rollout_decision")]
+    assert decisions.count("rollback") == 1 and "promote" not in decisions
+
+
+SLOW_ANSWER_S = 1.5
+"""How long the slow candidate's answers are held back (the injected fault of the latency test)."""
+
+
+def _hold_answers(job: Any, delay_s: float) -> None:
+    """Deliver `job`'s output `delay_s` late on the event loop, without holding the engine thread."""
+    loop, queue = job._loop, job._queue
+
+    def post(delta: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is reading any more
+            loop.call_soon_threadsafe(loop.call_later, delay_s, queue.put_nowait, delta)
+
+    job._post = post
+
+
+@pytest.mark.timeout(240)
+def test_slow_candidate_rolled_back_by_the_latency_guardrail(
+    kafka_bootstrap: str, topic_prefix: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No samples at all: the replicas' per-version latency histograms alone roll a slow candidate back.
+
+    How only the candidate is made slow: its batches run as fast as stable's, but each of
+    its answers is handed to the HTTP handler `SLOW_ANSWER_S` late, on the event loop
+    (`_hold_answers`), so the engine thread and its generation lock are free meanwhile and
+    the stable arm's requests are not queued behind the candidate's. A candidate that is
+    slow inside the engine (more compute per token, a sleep in its batch) would hold the
+    shared generation lock and slow the stable arm on the same replica too, and the
+    guardrail compares the candidate with stable: with a 1.5 s sleep inside each candidate
+    batch instead, this same load measured stable's p95 at 3.0 s and the candidate's at
+    1.9 s (stable requests wait behind candidate batches), and nothing was rolled back.
+    This test is about the guardrail's path (replica histograms -> replica-status.v1 -> the
+    worker's decision -> rollouts.v1 -> replicas drop the candidate), not about that case.
+    """
+    from safetensors.torch import load_file
+
+    from schemas.events import RolloutEvent
+    from services.checkpoints.store import CheckpointStore
+    from services.rollout.latency import GROWTH
+    from services.serving.engines.transformers import TransformersEngine
+    from services.serving.server import ServerThread
+    from services.serving.settings import ServingSettings
+
+    model = "canary-slow"
+    store = CheckpointStore(tmp_path / "checkpoints")
+    v0 = load_file(tiny_model_dir / "model.safetensors")
+    store.publish(model, 0, v0, parent_version=None, full=True)
+    ev1 = store.publish(
+        model, 1, {k: t * 1.1 if "mlp" in k else t for k, t in v0.items()}, parent_version=0, full=False
+    )
+
+    run_batch = TransformersEngine._run_batch
+
+    def slow_candidate(self: TransformersEngine, batch: list) -> None:
+        if batch and batch[0].version == 1:
+            for job in batch:
+                _hold_answers(job, SLOW_ANSWER_S)
+        run_batch(self, batch)
+
+    monkeypatch.setattr(TransformersEngine, "_run_batch", slow_candidate)
+
+    worker = Worker(
+        kafka_bootstrap,
+        topic_prefix,
+        f"g-{uuid.uuid4().hex[:8]}",
+        tmp_path / "worker.log",
+        RLFEED_ROLLOUT_ENABLED="true",
+        RLFEED_ROLLOUT_CANDIDATE_TRAFFIC_FRAC=str(TRAFFIC),
+        RLFEED_ROLLOUT_DECIDE_INTERVAL_S="0.3",
+        RLFEED_ROLLOUT_LATENCY_MIN_REQUESTS="10",
+        RLFEED_ROLLOUT_MAX_LATENCY_P95_RATIO="2.0",
+        RLFEED_ROLLOUT_LATENCY_P95_SLACK_MS="100",
+    )
+    base = ServingSettings(
+        kafka_url=f"kafka://{kafka_bootstrap}",
+        topic_prefix=topic_prefix,
+        model_dir=tiny_model_dir,
+        model_name=model,
+        serving_port=0,
+        home_dir=tmp_path / "home",
+        checkpoint_dir=store.root,
+        rollout_enabled=True,
+        max_batch_size=4,
+        batch_wait_ms=2,
+        default_max_tokens=3,
+        candidate_status_interval_s=0.5,
+    )
+    ok: list[tuple[float, float, str, int]] = []  # (sent, answered, user, version)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    try:
+        with (
+            ServerThread(base.model_copy(update={"replica_id": "slow-a"})) as a,
+            ServerThread(base.model_copy(update={"replica_id": "slow-b"})) as b,
+        ):
+            replicas = [a, b]
+            clients = [openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0) for s in replicas]
+
+            def load(i: int) -> None:
+                for n in itertools.count():
+                    if stop.is_set():
+                        return
+                    user = USERS[(i * 7 + n) % len(USERS)]
+                    try:
+                        sent = time.monotonic()
+                        r = clients[n % 2].completions.create(model=model, prompt=f"hi {n}", max_tokens=3, user=user)
+                        ok.append((sent, time.monotonic(), user, r.model_extra["policy_version"]))
+                    except BaseException as exc:
+                        errors.append(exc)
+                        return
+
+            threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
+            for t in threads:
+                t.start()
+            worker.wait_log("rollout_ready", timeout_s=60)
+
+            def candidate_everywhere(v: int | None) -> bool:
+                return all(s.replica.engine.candidate_version == v for s in replicas)
+
+            deadline = time.monotonic() + 60
+            while not candidate_everywhere(1):  # the worker's Faust consumer may join late: republish
+                assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+                _publish(kafka_bootstrap, topic_prefix, [ev1])
+                wait_for(lambda: candidate_everywhere(1) or time.monotonic() > deadline, 5, "candidate 1")
+            rollback = worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=90)
+            wait_for(lambda: candidate_everywhere(None), 30, "the rollback to reach both replicas")
+            dropped_at = time.monotonic()
+            wait_for(lambda: sum(t > dropped_at for t, _, _, _ in ok) >= 6, 30, "requests after the rollback")
+            stop.set()
+            for t in threads:
+                t.join(30)
+            for c in clients:
+                c.close()
+    finally:
+        stop.set()
+        worker.stop()
+    assert not errors, errors
+    assert "latency p95" in rollback["reason"], rollback
+    # The decision as the replicas read it: the last rollouts.v1 event of the model.
+    latest: RolloutEvent = read_latest(kafka_bootstrap, ROLLOUTS.full_name(topic_prefix))[model][0]
+    assert latest.decision == "rollback" and latest.stable_version == 0 and latest.candidate_version is None
+    assert latest.reason.startswith("guardrail: latency p95"), latest.reason
+    assert latest.arms["rollout.decided_version"] == 1
+    cand_p95, stable_p95 = latest.arms["candidate.latency_p95_ms"], latest.arms["stable.latency_p95_ms"]
+    assert latest.arms["candidate.latency_n"] >= 10 and latest.arms["stable.latency_n"] >= 10
+    assert cand_p95 >= SLOW_ANSWER_S * 1000 / GROWTH  # the histogram estimate is within one bucket
+    assert cand_p95 > 2.0 * stable_p95 + 100.0
+    assert latest.arms["candidate.failures"] == 0  # the error guardrail had nothing to say
+    # Only the candidate's users were slow: every answer on version 1 was held back.
+    on_candidate = [(s, e) for s, e, _, v in ok if v == 1]
+    assert on_candidate and all(e - s >= SLOW_ANSWER_S for s, e in on_candidate)
+    assert {v for s, _, _, v in ok if s > dropped_at} == {0}
     decisions = [r["decision"] for r in worker.events("rollout_decision")]
     assert decisions.count("rollback") == 1 and "promote" not in decisions

@@ -224,6 +224,50 @@ def test_restart_rebuilds_from_the_last_event_and_recounts() -> None:
     assert ctl.rollouts["m"].arms["candidate"].n == 10
 
 
+def test_stable_samples_count_only_from_when_the_candidate_serves() -> None:
+    """Issue #14: stable samples from while the candidate was still loading spent the budget."""
+    policy = policy_from_settings(StreamsSettings(rollout_min_samples_per_arm=5, rollout_max_samples=100))
+    ctl = RolloutController(policy, report_every_samples=5)
+    start(ctl, 1, 0, t=1000)
+    r = ctl.rollouts["m"]
+    # the candidate is loading: 150 stable samples, more than the whole budget, wait
+    assert all(ctl.on_sample(sample(f"early{i}", 0, 1.0, t=1100 + i)) for i in range(150))
+    assert ctl.on_sample(sample("late", 0, -1.0, t=2500))  # settled early, generated after the load
+    assert r.arms["stable"].n == 0 and len(r.held) == 151 and r.serving_ms is None
+    assert ctl.on_sample(sample("c0", 1, 1.0, t=2000))  # the candidate's first answer starts the window
+    assert r.serving_ms == 2000 and len(r.held) == 150
+    assert (r.arms["stable"].n, r.arms["stable"].successes, r.arms["candidate"].n) == (1, 0, 1)
+    assert ctl.on_sample(sample("before", 0, 1.0, t=1990))  # before the window (so far): waits
+    assert ctl.on_sample(sample("after", 0, 1.0, t=2000))
+    assert r.arms["stable"].n == 2 and len(r.held) == 151
+    for i in range(1, 6):
+        ctl.on_sample(sample(f"c{i}", 1, 1.0, t=2000 + i))
+    (report,) = ctl.tick(3000)  # 2 + 6 samples in the window: the budget of 100 is not spent
+    assert report.decision == "collect" and report.arms["rollout.serving_ms"] == 2000
+    assert (report.arms["stable.n"], report.arms["candidate.n"]) == (2, 6)
+    assert report.arms["rollout.held_stable_samples"] == 151
+    # a candidate sample generated earlier (settled later) moves the start back past "before"
+    assert ctl.on_sample(sample("c-early", 1, 1.0, t=1985)) and r.serving_ms == 1985
+    assert r.arms["stable"].n == 3 and len(r.held) == 150  # the loading-time samples still wait
+    assert ctl.on_sample(sample("c-later", 1, 1.0, t=2400)) and r.serving_ms == 1985
+    # a restarted worker reads the window's start from the last event
+    fresh = RolloutController(policy, report_every_samples=5)
+    fresh.adopt(report)
+    assert fresh.rollouts["m"].serving_ms == 2000
+    assert fresh.on_sample(sample("early0", 0, 1.0, t=1100)) and fresh.on_sample(sample("after", 0, 1.0, t=2000))
+    assert fresh.rollouts["m"].arms["stable"].n == 1 and len(fresh.rollouts["m"].held) == 1
+
+
+def test_rollout_events_without_serving_ms_read_as_not_yet() -> None:
+    ctl = RolloutController(POLICY, report_every_samples=10_000)
+    ev = start(ctl, 1, 0, t=1000)
+    assert ev.arms["rollout.serving_ms"] == -1.0
+    legacy = ev.model_copy(update={"arms": {k: v for k, v in ev.arms.items() if k != "rollout.serving_ms"}})
+    fresh = RolloutController(POLICY, report_every_samples=10_000)
+    fresh.adopt(legacy)
+    assert fresh.rollouts["m"].serving_ms is None
+
+
 def test_first_version_and_rollback_updates_are_stable_at_once() -> None:
     ctl = RolloutController(POLICY, report_every_samples=5)
     (first,) = ctl.on_model_update(update(0, None), 1)
