@@ -13,7 +13,8 @@ terminal and not), measured in one run:
   (`--faust-events 0` skips it).
 - `join_cpu_s`, `raw_cpu_s`: this process's CPU seconds in each of the first two phases
   (the broker runs in another process); on a shared machine they are steadier than the
-  wall-clock rates.
+  wall-clock rates. `join_thread_cpu_s` splits the join's between Python threads and
+  librdkafka's own threads (Linux /proc).
 
 The events are encoded once and the pydantic objects dropped before anything is
 measured, and the garbage collector is tuned as in the worker process
@@ -140,6 +141,24 @@ def produce_all(bootstrap: str, prefix: str, events: list[tuple[bool, bytes, byt
     assert producer.flush(60) == 0
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process's threads by kind: `python` (the join's own
+    thread and any other Python thread) and `librdkafka` (its `rdk:` threads: fetching,
+    producing, the broker connections); {} where /proc is not there."""
+    out = {"python": 0.0, "librdkafka": 0.0}
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out["librdkafka" if name.startswith("rdk:") else "python"] += (int(fields[11]) + int(fields[12])) / tick
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
 def bench_join(bootstrap: str, prefix: str, n: int) -> tuple[float, dict]:
     from streams.hot_path import HotPath
     from streams.settings import StreamsSettings
@@ -153,10 +172,13 @@ def bench_join(bootstrap: str, prefix: str, n: int) -> tuple[float, dict]:
     while hot.stats["consumed"] < n and time.monotonic() < deadline:
         got = hot.run_once()
         if got and start is None:
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start, threads_start = time.perf_counter(), time.process_time(), thread_cpu_s()
     elapsed = time.perf_counter() - (start or time.perf_counter())
     stats = dict(hot.stats)
     stats["cpu_s"] = time.process_time() - (cpu_start or time.process_time())
+    if start is not None:
+        threads_end = thread_cpu_s()  # threads that ended meanwhile (a closed consumer) are left out
+        stats["thread_cpu_s"] = {k: round(v - threads_start.get(k, 0.0), 2) for k, v in threads_end.items()}
     hot.close()
     return elapsed, stats
 
@@ -329,6 +351,7 @@ def main() -> None:
                     "speedup_vs_faust": None if faust_rate is None else round(join_rate / faust_rate, 1),
                     "join_cpu_s": round(stats["cpu_s"], 2),
                     "raw_cpu_s": round(raw_cpu_s, 2),
+                    "join_thread_cpu_s": stats.get("thread_cpu_s", {}),
                     "join_stats": {k: stats.get(k, 0) for k in ("samples", "dead_letters", "duplicates", "produced")},
                     "samples_topic": SAMPLES.name,
                     "broker": "RLFEED_KAFKA_URL" if url else "embedded noida-db",

@@ -27,6 +27,7 @@ Users: the stream join (streams/join.py, streams/changelog.py) and the sink
 
 from __future__ import annotations
 
+import collections.abc
 import enum
 import operator
 import re
@@ -38,6 +39,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 import msgspec
+import orjson
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -346,6 +348,386 @@ FastGeneration = _struct_or_none(ev.GenerationEvent)
 FastFeedback = _struct_or_none(ev.FeedbackEvent)
 """The struct of `schemas.events.FeedbackEvent` (has `is_terminal`, as the model)."""
 
+
+class JsonArray(collections.abc.Sequence):
+    """A validated JSON array of numbers kept as its original bytes (a `msgspec.Raw` view
+    into the message, no copy): `len` without decoding, the items decoded on demand (with
+    the field's own decoder, so the same values and types as the list), and spliced
+    unchanged when the event is re-encoded (`fragment()`). A list of numbers costs one
+    heap object per item, allocated at decode time and read back, scattered, when the
+    sample is encoded; this costs none."""
+
+    __slots__ = ("_decode", "_len", "raw")
+
+    def __init__(self, raw: msgspec.Raw, length: int, decode: Callable[[Any], list[Any]]) -> None:
+        self.raw = raw
+        self._len = length
+        self._decode = decode
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.items()[index]
+
+    def __iter__(self) -> typing.Iterator[Any]:
+        return iter(self.items())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, JsonArray):
+            other = other.items()
+        return isinstance(other, list) and self.items() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"JsonArray({bytes(self.raw)!r})"
+
+    def items(self) -> list[Any]:
+        """The array as a list (decoded now)."""
+        return self._decode(self.raw)
+
+    def fragment(self) -> orjson.Fragment:
+        """The original JSON text, for orjson to splice into an encoded event."""
+        return orjson.Fragment(bytes(self.raw))
+
+
+def _number_array(tp: Any) -> bool:
+    """Whether a struct field type is a list of ints or floats (constraints allowed)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) is not list:
+        return False
+    (item,) = get_args(tp)
+    while get_origin(item) is Annotated:
+        item = get_args(item)[0]
+    return item in (int, float)
+
+
+def spliced_struct_of(model: type[BaseModel]) -> type:
+    """`struct_of(model)` with every top-level array of numbers (token ids, logprobs)
+    held as a `JsonArray` instead of a list.
+
+    Same verdict as `struct_of(model)`: each array is read as `msgspec.Raw`, then decoded
+    with the field's own type (bounds, length) in `__post_init__`; the field checks and
+    the model's validators then run on the lists, exactly as in `struct_of`, and only
+    then is each list replaced by a `JsonArray` of its bytes (the lists are freed at
+    once). Raises `Unsupported` like `struct_of`.
+    """
+    if model in _SPLICED:
+        return _SPLICED[model]
+    base = struct_of(model)
+    fields = []
+    arrays: list[tuple[str, Callable[[Any], list[Any]]]] = []
+    for f in msgspec.structs.fields(base):
+        tp = f.type
+        if _number_array(tp):
+            arrays.append((f.name, msgspec.json.Decoder(tp).decode))
+            tp = msgspec.Raw
+        if f.required:
+            fields.append((f.name, tp))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, tp, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, tp, f.default))
+    base_post_init = getattr(base, "__post_init__", None)
+
+    def __post_init__(self: Any) -> None:
+        raws = []
+        for name, decode_array in arrays:
+            value = getattr(self, name)
+            if value.__class__ is msgspec.Raw:  # else a default, already checked
+                items = decode_array(value)
+                setattr(self, name, items)
+                raws.append((name, value, len(items), decode_array))
+        if base_post_init is not None:
+            base_post_init(self)
+        for name, raw, length, decode_array in raws:
+            setattr(self, name, JsonArray(raw, length, decode_array))
+
+    cfg = base.__struct_config__
+    struct = msgspec.defstruct(
+        f"Spliced{model.__name__}",
+        fields,
+        kw_only=True,
+        forbid_unknown_fields=cfg.forbid_unknown_fields,
+        namespace={**_properties(model), "__post_init__": __post_init__},
+        gc=False,
+    )
+    _SPLICED[model] = struct
+    return struct
+
+
+_SPLICED: dict[type, type] = {}
+
+
+_DIGIT_TO_D = bytes.maketrans(b"0123456789", b"dddddddddd")
+COUNTED_MAX_DIGITS = 9
+"""The longest item (in digits) the byte check of a counted array accepts: every integer of
+up to 9 digits lies in [0, 10**9), within the bounds a counted field must admit."""
+
+
+def _counted_field(tp: Any) -> tuple[int, int] | None:
+    """(min_length, max_length) when `tp` is a list of ints whose bounds admit every
+    integer in [0, 10**9) (token ids); None otherwise."""
+    outer: list[Any] = []
+    while get_origin(tp) is Annotated:
+        tp, *more = get_args(tp)
+        outer.extend(more)
+    if get_origin(tp) is not list:
+        return None
+    (item,) = get_args(tp)
+    inner: list[Any] = []
+    while get_origin(item) is Annotated:
+        item, *more = get_args(item)
+        inner.extend(more)
+    if item is not int:
+        return None
+    for meta in inner:
+        lo = meta.ge if meta.ge is not None else None if meta.gt is None else meta.gt + 1
+        hi = meta.le if meta.le is not None else None if meta.lt is None else meta.lt - 1
+        if (lo is not None and lo > 0) or (hi is not None and hi < 10**COUNTED_MAX_DIGITS - 1):
+            return None
+        if meta.pattern is not None or meta.multiple_of is not None:
+            return None
+    min_len, max_len = 0, sys.maxsize
+    for meta in outer:
+        min_len = max(min_len, meta.min_length or 0)
+        max_len = min(max_len, sys.maxsize if meta.max_length is None else meta.max_length)
+    return min_len, max_len
+
+
+class CountedArray(msgspec.Struct, frozen=True, gc=False):
+    """A JSON array of integers checked on its bytes (`counted_struct_of`): `len` is its
+    number of items, iteration decodes them."""
+
+    raw: msgspec.Raw
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> typing.Iterator[int]:
+        return iter(msgspec.json.decode(self.raw, type=list[int]))
+
+
+def _count_checks(fields: list[tuple[str, int, int]]) -> Callable[[Any], None]:
+    """Check the raw JSON of each integer array in `fields` (name, min_length, max_length)
+    on its bytes and hold it as a `CountedArray`: only non-negative integers of at most
+    `COUNTED_MAX_DIGITS` digits, comma separated, no whitespace (msgspec has already
+    checked that it is valid JSON), within the length bounds. Anything else raises
+    ValueError: the caller's slower, exact path decides."""
+    too_long = b"d" * (COUNTED_MAX_DIGITS + 1)
+
+    def check(self: Any) -> None:
+        for name, min_len, max_len in fields:
+            value = getattr(self, name)
+            if value.__class__ is not msgspec.Raw:  # the field's default: already a list
+                continue
+            raw = bytes(value)
+            shape = raw.translate(_DIGIT_TO_D)
+            if shape.translate(None, b"d,") != b"[]" or too_long in shape:
+                raise ValueError(f"{name}: not an array of small non-negative integers (the exact path decides)")
+            count = shape.count(b",") + 1 if len(raw) > 2 else 0
+            if not min_len <= count <= max_len:
+                raise ValueError(f"{name}: {count} items, outside [{min_len}, {max_len}]")
+            setattr(self, name, CountedArray(value, count))
+
+    return check
+
+
+def _strings_check(charset: str, names: list[str], list_names: list[str]) -> Callable[[Any], None]:
+    """`_charset_check` for the string fields `names` and the lists of strings
+    `list_names`, without an exception on the lists (`counted_struct_of`)."""
+    slow = _charset_check(charset, [*names, *list_names])
+    pattern = re.compile(f"[{charset}]")
+    allowed = bytes(c for c in range(128) if pattern.match(chr(c)))
+    get = operator.attrgetter(*names) if len(names) > 1 else (lambda self: (getattr(self, names[0]),))
+    get_lists = [operator.attrgetter(n) for n in list_names]
+
+    def check(self: Any) -> None:
+        values = get(self) if names else ()
+        if None in values:
+            values = [v for v in values if v is not None]
+        if get_lists:
+            values = list(values)
+            for get_list in get_lists:
+                items = get_list(self)
+                if items is not None:
+                    values.extend(items)
+        count = len(values)
+        if count and len("\n".join(values).encode().translate(None, allowed)) != count - 1:
+            slow(self)  # raises, naming the field
+            raise ValueError(f"string does not match the pattern ^[{charset}]+$")
+
+    return check
+
+
+def _string_list(tp: Any) -> bool:
+    """Whether a field holding checked strings is a list of them (else one string or None)."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) is list:
+        return True
+    if get_origin(tp) in (Union, types.UnionType) and any(_string_list(a) for a in get_args(tp)):
+        raise Unsupported(f"a union with a list {tp!r}")
+    return False
+
+
+def _string_groups(model: type[BaseModel]) -> dict[str, tuple[list[str], list[str]]]:
+    """The fields whose strings `struct_of` checks against a `^[class]+$` pattern, per
+    class: (string fields, lists of strings)."""
+    hints = typing.get_type_hints(model, include_extras=True)
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for name, info in model.model_fields.items():
+        charsets: list[str] = []
+        _convert(hints[name], list(info.metadata), {}, charsets)
+        if len(set(charsets)) == 1:
+            scalars, lists = groups.setdefault(charsets[0], ([], []))
+            (lists if _string_list(hints[name]) else scalars).append(name)
+    return groups
+
+
+def counted_struct_of(model: type[BaseModel], strings: bool = True) -> type:
+    """`struct_of(model)` for a reader that needs only how many items each top-level array
+    of integers holds (the sink stores token counts, not token ids).
+
+    Such an array (a list of ints whose bounds admit [0, 10**9), e.g. token ids) is read
+    as `msgspec.Raw` and checked on its bytes (`_count_checks`), never decoded item by
+    item, then held as a `CountedArray` (`len` free, items decoded on demand). The check
+    accepts only what the field's type accepts; it refuses some valid input (whitespace
+    in the array, an id of 10 digits), which its caller sends to the exact path, as it
+    does any `DecodeError`. The string patterns are checked as in `struct_of`, lists of
+    ids without an exception; then the model's validators run, which see the
+    `CountedArray`s (their `len` is the list's). Raises `Unsupported` like `struct_of`.
+
+    `strings=False` leaves the string patterns out: only for `counted_batch_decoder`,
+    which checks them for a whole batch at once.
+    """
+    key = (model, strings)
+    if key in _COUNTED:
+        return _COUNTED[key]
+    base = struct_of(model)
+    counted: list[tuple[str, int, int]] = []
+    fields = []
+    for f in msgspec.structs.fields(base):
+        tp = f.type
+        bounds = _counted_field(tp)
+        if bounds is not None:
+            counted.append((f.name, *bounds))
+            tp = msgspec.Raw
+        if f.required:
+            fields.append((f.name, tp))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, tp, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, tp, f.default))
+    groups = _string_groups(model)
+    checks = [_count_checks(counted)] if counted else []
+    if strings:
+        checks += [_strings_check(c, scalars, lists) for c, (scalars, lists) in groups.items()]
+    checks += [_with_plain_enums(d.func) for d in model.__pydantic_decorators__.model_validators.values()]
+    cfg = base.__struct_config__
+    struct = msgspec.defstruct(
+        f"Counted{model.__name__}",
+        fields,
+        kw_only=True,
+        forbid_unknown_fields=cfg.forbid_unknown_fields,
+        namespace={**_properties(model), **({"__post_init__": _post_init(checks)} if checks else {})},
+        gc=False,
+    )
+    _COUNTED[key] = struct
+    return struct
+
+
+_COUNTED: dict[tuple[type, bool], type] = {}
+
+
+def counted_decoder(model: type[ev.Event]) -> Callable[[bytes], Any] | None:
+    """As `fast_decoder`, with `counted_struct_of(model)`: arrays of integers are counted,
+    not decoded. None when the model cannot be translated."""
+    try:
+        decoder = msgspec.json.Decoder(counted_struct_of(model))
+    except (Unsupported, TypeError, ValueError):
+        return None
+    return decoder.decode
+
+
+def counted_batch_decoder(model: type[ev.Event]) -> Callable[[list[bytes]], list[Any]] | None:
+    """`counted_decoder` for a batch of messages (the sink): values -> one struct per
+    value, or None where the fast path refuses it (then ask the exact path).
+
+    The same verdicts as `counted_decoder`, value by value, but the string patterns (ids)
+    are checked once for the whole batch: every id of every message joined and checked
+    in one pass, instead of a few Python calls per message; only a batch that fails is
+    checked message by message to find which. None when the model cannot be translated.
+    Built once per model (memoised).
+    """
+    if model in _BATCH_DECODERS:
+        return _BATCH_DECODERS[model]
+    _BATCH_DECODERS[model] = decoder = _counted_batch_decoder(model)
+    return decoder
+
+
+_BATCH_DECODERS: dict[type, Callable[[list[bytes]], list[Any]] | None] = {}
+
+
+def _counted_batch_decoder(model: type[ev.Event]) -> Callable[[list[bytes]], list[Any]] | None:
+    try:
+        decode = msgspec.json.Decoder(counted_struct_of(model, strings=False)).decode
+        groups = _string_groups(model)
+        per_struct = [_strings_check(c, scalars, lists) for c, (scalars, lists) in groups.items()]
+    except (Unsupported, TypeError, ValueError):
+        return None
+    checks = []
+    for (charset, (scalars, lists)), one in zip(groups.items(), per_struct, strict=True):
+        pattern = re.compile(f"[{charset}]")
+        allowed = bytes(c for c in range(128) if pattern.match(chr(c)))
+        checks.append(
+            (allowed, [operator.attrgetter(n) for n in scalars], [operator.attrgetter(n) for n in lists], one)
+        )
+
+    def refused(check: Callable[[Any], None], struct: Any) -> bool:
+        try:
+            check(struct)
+        except ValueError:
+            return True
+        return False
+
+    def decode_one(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except DecodeError:
+            return None
+
+    def decode_batch(values: list[bytes]) -> list[Any]:
+        try:
+            out = [decode(raw) for raw in values]
+        except DecodeError:
+            out = [decode_one(raw) for raw in values]
+        for allowed, scalar_gets, list_gets, one in checks:
+            good = [s for s in out if s is not None] if None in out else out
+            strings: list[str] = []
+            for get in scalar_gets:
+                strings += map(get, good)
+            if None in strings:  # optional fields left out
+                strings = [s for s in strings if s is not None]
+            for get in list_gets:
+                for items in map(get, good):
+                    if items is not None:
+                        strings += items
+            count = len(strings)
+            try:
+                ok = not count or len("\n".join(strings).encode().translate(None, allowed)) == count - 1
+            except ValueError:  # e.g. a lone surrogate (msgspec refuses them already)
+                ok = False
+            if not ok:
+                out = [None if s is None or refused(one, s) else s for s in out]
+        return out
+
+    return decode_batch
+
+
 Generation = Any
 """A decoded generation: a `FastGeneration`, or the `GenerationEvent` for input only
 pydantic's lax mode accepts (same attributes)."""
@@ -357,6 +739,22 @@ GENERATION_DECODER: Any = msgspec.json.Decoder(FastGeneration) if FastGeneration
 raises one of `FAST_ERRORS` where `decode_generation` would ask pydantic."""
 FEEDBACK_DECODER: Any = msgspec.json.Decoder(FastFeedback) if FastFeedback is not None else _RefuseAll()
 """As `GENERATION_DECODER`, for feedback."""
+
+
+def _spliced_or_none(model: type[BaseModel]) -> type | None:
+    try:
+        return spliced_struct_of(model)
+    except (Unsupported, TypeError, ValueError):
+        return None
+
+
+SplicedGeneration = _spliced_or_none(ev.GenerationEvent)
+"""`FastGeneration` with token ids and logprobs as `JsonArray` (the join's generations)."""
+GENERATION_SPLICE_DECODER: Any = (
+    msgspec.json.Decoder(SplicedGeneration) if SplicedGeneration is not None else _RefuseAll()
+)
+"""As `GENERATION_DECODER` (the same verdict), with the arrays kept as their bytes: the
+join copies them into the sample without building a Python object per token."""
 
 
 def fast_generation(raw: bytes) -> Any | None:
@@ -414,6 +812,8 @@ __all__ = [
     "FAST_ERRORS",
     "FEEDBACK_DECODER",
     "GENERATION_DECODER",
+    "GENERATION_SPLICE_DECODER",
+    "CountedArray",
     "DecodeError",
     "FastFeedback",
     "FastGeneration",
@@ -421,12 +821,18 @@ __all__ = [
     "Feedback",
     "Generation",
     "InvalidEvent",
+    "JsonArray",
+    "SplicedGeneration",
     "Unsupported",
+    "counted_batch_decoder",
+    "counted_decoder",
+    "counted_struct_of",
     "decode_feedback",
     "decode_generation",
     "fast_decoder",
     "fast_feedback",
     "fast_generation",
     "pydantic_verdict",
+    "spliced_struct_of",
     "struct_of",
 ]

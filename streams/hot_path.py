@@ -83,6 +83,19 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def prefetch_config(settings: StreamsSettings) -> dict[str, int]:
+    """Consumer settings that keep librdkafka's fetcher a few batches ahead, not 100k
+    messages (its default): a fetcher that has caught up with the log sends fetch after
+    fetch, and a broker that answers empty fetches at once instead of holding them for
+    `fetch.wait.max.ms` (the embedded noida-db) keeps its thread and the broker busy.
+    Bounded, the fetcher waits while the join works through the queue (bench/streams.py:
+    the consumer's broker thread used about half the CPU it did with the defaults)."""
+    return {
+        "queued.min.messages": settings.prefetch_batches * settings.batch_max_messages,
+        "fetch.queue.backoff.ms": settings.fetch_queue_backoff_ms,
+    }
+
+
 def reward_scorer(settings: StreamsSettings) -> BackgroundScorer:
     """The reward-model scorer the settings ask for (started; it loads the latest version)."""
     store = settings.checkpoint_dir or settings.home_dir / "checkpoints"
@@ -159,6 +172,7 @@ class HotPath:
             "partition.assignment.strategy": "range",
             "session.timeout.ms": int(settings.session_timeout_s * 1000),
             "max.poll.interval.ms": int(settings.max_poll_interval_s * 1000),
+            **prefetch_config(settings),
         }
         if settings.group_instance_id:
             consumer_config["group.instance.id"] = settings.group_instance_id

@@ -56,9 +56,10 @@ from schemas.events import FeedbackKind, SettleReason
 from schemas.fast import (
     FAST_ERRORS,
     FEEDBACK_DECODER,
-    GENERATION_DECODER,
+    GENERATION_SPLICE_DECODER,
     Feedback,
     Generation,
+    JsonArray,
     decode_feedback,
     decode_generation,
 )
@@ -309,9 +310,9 @@ def _emit(
         "policy_version": gen.policy_version,
         "prompt": gen.prompt,
         "completion": gen.completion,
-        "prompt_token_ids": gen.prompt_token_ids,
-        "completion_token_ids": gen.completion_token_ids,
-        "completion_logprobs": gen.completion_logprobs,
+        "prompt_token_ids": _json_array(gen.prompt_token_ids),
+        "completion_token_ids": _json_array(gen.completion_token_ids),
+        "completion_logprobs": _json_array(gen.completion_logprobs),
         "reward": composite(parts, cfg.weights, cfg.params.reward_clip),
         "reward_components": parts,
         "feedback_event_ids": fb_ids,
@@ -328,6 +329,12 @@ def _emit(
     out.counts["samples"] += 1
     if cfg.mine_preferences and corrects is None:
         out.outcomes.append((st.partition, _outcome(gen, e, at_ms)))
+
+
+def _json_array(value: JsonArray | list) -> orjson.Fragment | list:
+    """A generation's array as orjson encodes it: the original bytes of a `JsonArray`
+    (the fast path), the list itself otherwise (a generation pydantic decoded)."""
+    return value.fragment() if value.__class__ is JsonArray else value
 
 
 def _first_feedback_ms(e: Entry) -> int | None:
@@ -489,7 +496,7 @@ def process_batch(
     out = BatchOutput()
     max_future = wall_ms + cfg.max_clock_skew_ms
     n_gen = n_fb = 0
-    decode_gen, decode_fb = GENERATION_DECODER.decode, FEEDBACK_DECODER.decode
+    decode_gen, decode_fb = GENERATION_SPLICE_DECODER.decode, FEEDBACK_DECODER.decode
     for rec in records:
         # the strict fast path inline; anything it refuses gets the contract's verdict in _decode
         raw, key = rec.value, rec.key

@@ -24,12 +24,24 @@ Every sample keeps the raw components, so the reward can be audited and recomput
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from rapidfuzz.distance import Indel
 
 from schemas.events import FeedbackKind, SettleReason
+
+# The kinds and reasons as plain strings (FeedbackKind.X is a Python-level lookup per use
+# on Python 3.11; the feedback objects hold plain strings, which compare equal).
+_THUMB = (FeedbackKind.THUMB.value,)
+_RATING = (FeedbackKind.RATING.value,)
+_ACCEPT_OR_REJECT = (FeedbackKind.ACCEPT.value, FeedbackKind.REJECT.value)
+_ACCEPT, _REJECT = _ACCEPT_OR_REJECT
+_EDIT = (FeedbackKind.EDIT.value,)
+_COPY = (FeedbackKind.COPY.value,)
+_REGENERATE = (FeedbackKind.REGENERATE.value,)
+_DWELL = FeedbackKind.DWELL.value
+_TTL = SettleReason.TTL.value
 
 
 class FeedbackLike(Protocol):
@@ -58,10 +70,12 @@ class RewardParams:
         return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RewardInput:
     """What a reward function sees: the completion, its feedback (deduplicated, in
-    arrival order) and how the reward settled."""
+    arrival order) and how the reward settled. Built once per sample on the join's hot
+    path: a plain slotted class (a frozen dataclass's __init__ cost more than the reward
+    functions together); the reward functions only read it."""
 
     completion: str
     feedback: Sequence[FeedbackLike]
@@ -69,20 +83,24 @@ class RewardInput:
     params: RewardParams
     model_score: float | None = None
     """The reward model's score of this generation (None: scoring off, not ready, or not asked for)."""
+    _by_kind: dict[str, tuple[int, int, FeedbackLike]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def latest_by_kind(self) -> dict[str, tuple[int, int, FeedbackLike]]:
         """kind -> (event_time_ms, arrival index, feedback) of the latest feedback of that
         kind; computed once per input, whatever number of reward functions read it."""
-        cached = self.__dict__.get("_latest_by_kind")  # frozen: cache beside the fields
-        if cached is not None:
-            return cached
-        out: dict[str, tuple[int, int, FeedbackLike]] = {}
+        out = self._by_kind
+        if out is not None:
+            return out
+        out = {}
         for i, fb in enumerate(self.feedback):
-            prev = out.get(fb.kind)
+            kind = fb.kind
+            prev = out.get(kind)
             if prev is None or fb.event_time_ms >= prev[0]:  # a later arrival wins a tie
-                out[fb.kind] = (fb.event_time_ms, i, fb)
-        self.__dict__["_latest_by_kind"] = out
+                out[kind] = (fb.event_time_ms, i, fb)
+        self._by_kind = out
         return out
 
 
@@ -107,6 +125,9 @@ def _order(entry: tuple[int, int, FeedbackLike]) -> tuple[int, int]:
 def _latest(inp: RewardInput, kinds: tuple[str, ...]) -> FeedbackLike | None:
     """The latest feedback of one of `kinds`: largest (event_time_ms, arrival index)."""
     by_kind = inp.latest_by_kind
+    if len(kinds) == 1:
+        entry = by_kind.get(kinds[0])
+        return None if entry is None else entry[2]
     found = [by_kind[k] for k in kinds if k in by_kind]
     if not found:
         return None
@@ -116,29 +137,29 @@ def _latest(inp: RewardInput, kinds: tuple[str, ...]) -> FeedbackLike | None:
 @register("thumb")
 def thumb(inp: RewardInput) -> float | None:
     """The latest thumb, +1 or -1."""
-    fb = _latest(inp, (FeedbackKind.THUMB,))
+    fb = _latest(inp, _THUMB)
     return None if fb is None else float(fb.value or 0.0)
 
 
 @register("rating")
 def rating(inp: RewardInput) -> float | None:
     """The latest 1-5 rating normalised to [-1, 1]."""
-    fb = _latest(inp, (FeedbackKind.RATING,))
+    fb = _latest(inp, _RATING)
     return None if fb is None else (float(fb.value or 3.0) - 3.0) / 2.0
 
 
 @register("accept")
 def accept(inp: RewardInput) -> float | None:
     """accept_reward when the latest accept/reject is an accept."""
-    fb = _latest(inp, (FeedbackKind.ACCEPT, FeedbackKind.REJECT))
-    return inp.params.accept_reward if fb is not None and fb.kind == FeedbackKind.ACCEPT else None
+    fb = _latest(inp, _ACCEPT_OR_REJECT)
+    return inp.params.accept_reward if fb is not None and fb.kind == _ACCEPT else None
 
 
 @register("reject")
 def reject(inp: RewardInput) -> float | None:
     """reject_reward when the latest accept/reject is a reject."""
-    fb = _latest(inp, (FeedbackKind.ACCEPT, FeedbackKind.REJECT))
-    return inp.params.reject_reward if fb is not None and fb.kind == FeedbackKind.REJECT else None
+    fb = _latest(inp, _ACCEPT_OR_REJECT)
+    return inp.params.reject_reward if fb is not None and fb.kind == _REJECT else None
 
 
 def edit_similarity_of(completion: str, edited: str, max_chars: int) -> float:
@@ -160,7 +181,7 @@ def edit_similarity_of(completion: str, edited: str, max_chars: int) -> float:
 @register("edit_similarity")
 def edit_similarity(inp: RewardInput) -> float | None:
     """Similarity of the completion and the latest edited text."""
-    fb = _latest(inp, (FeedbackKind.EDIT,))
+    fb = _latest(inp, _EDIT)
     if fb is None:
         return None
     return edit_similarity_of(inp.completion, fb.edited_text or "", inp.params.edit_similarity_max_chars)
@@ -169,26 +190,26 @@ def edit_similarity(inp: RewardInput) -> float | None:
 @register("copy")
 def copy(inp: RewardInput) -> float | None:
     """copy_reward when the completion was copied."""
-    return inp.params.copy_reward if _latest(inp, (FeedbackKind.COPY,)) is not None else None
+    return inp.params.copy_reward if _latest(inp, _COPY) is not None else None
 
 
 @register("regenerate")
 def regenerate(inp: RewardInput) -> float | None:
     """regenerate_reward when the user asked for another completion."""
-    return inp.params.regenerate_reward if _latest(inp, (FeedbackKind.REGENERATE,)) is not None else None
+    return inp.params.regenerate_reward if _latest(inp, _REGENERATE) is not None else None
 
 
 @register("dwell")
 def dwell(inp: RewardInput) -> float | None:
     """Longest dwell over dwell_saturation_s, capped at 1."""
-    values = [fb.value or 0.0 for fb in inp.feedback if fb.kind == FeedbackKind.DWELL]
+    values = [fb.value or 0.0 for fb in inp.feedback if fb.kind == _DWELL]
     return None if not values else min(max(values) / inp.params.dwell_saturation_s, 1.0)
 
 
 @register("ttl_implicit")
 def ttl_implicit(inp: RewardInput) -> float | None:
     """ttl_implicit_reward for a generation that expired without feedback."""
-    if inp.settle_reason == SettleReason.TTL and not inp.feedback:
+    if inp.settle_reason == _TTL and not inp.feedback:
         return inp.params.ttl_implicit_reward
     return None
 

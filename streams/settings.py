@@ -130,6 +130,11 @@ class StreamsSettings(RlfeedSettings):
     """Most messages one hot-path batch consumes."""
     batch_timeout_s: float = Field(0.2, gt=0)
     """How long one consume call waits for messages."""
+    prefetch_batches: int = Field(4, ge=1)
+    """How many batches librdkafka keeps fetched ahead of the join (`queued.min.messages` =
+    this x batch_max_messages; its default, 100k messages, keeps a caught-up fetcher busy)."""
+    fetch_queue_backoff_ms: int = Field(20, ge=0)
+    """How long librdkafka's fetcher waits before fetching more once that many are queued."""
     group_instance_id: str | None = None
     """Static group membership (a stable per-worker name, e.g. the pod name): a worker
     restarted with the same id gets its partitions back at once, without waiting for

@@ -679,3 +679,84 @@ def test_a_model_the_translation_does_not_know_gets_no_fast_decoder() -> None:
     assert fast_decoder(WithFieldValidator) is None
     with pytest.raises(DecodeError):
         fast._RefuseAll().decode(b"{}")
+
+
+# --- the join's generations: arrays kept as their bytes (fast.GENERATION_SPLICE_DECODER) ---
+
+
+def splice_agrees(raw: bytes) -> None:
+    """The spliced decoder accepts exactly what the fast decoder accepts, with the same
+    values; its arrays are `JsonArray`s equal to the lists, whose bytes parse to them."""
+    try:
+        want = fast.GENERATION_DECODER.decode(raw)
+    except DecodeError:
+        want = None
+    try:
+        got = fast.GENERATION_SPLICE_DECODER.decode(raw)
+    except DecodeError:
+        got = None
+    assert (got is None) == (want is None), raw
+    if got is None:
+        return
+    for name in fast.FastGeneration.__struct_fields__:
+        a, b = getattr(got, name), getattr(want, name)
+        if name in ("prompt_token_ids", "completion_token_ids", "completion_logprobs"):
+            assert isinstance(a, fast.JsonArray) and a == b and b == a and len(a) == len(b), name
+            assert [type(x) for x in a] == [type(x) for x in b], name
+            assert orjson.loads(orjson.dumps(a.fragment())) == b, name
+        elif name not in ("event_id", "event_time_ms") or f'"{name}"'.encode() in raw:
+            assert a == b, name  # (the two default factories give fresh values on each side)
+
+
+@SETTINGS
+@given(generation_dicts())
+def test_spliced_generations_agree_with_the_fast_decoder(obj: dict) -> None:
+    raw = dumps(obj)  # json.dumps: arrays with spaces after the commas
+    splice_agrees(raw)
+    splice_agrees(encode(GenerationEvent.model_validate_json(raw)))
+    assert fast.GENERATION_SPLICE_DECODER.decode(raw) is not None
+
+
+@SETTINGS
+@given(st.one_of(broken(generation_dicts(), GEN_FIELDS), st.builds(dict, json_junk=json_junk)))
+def test_broken_generations_are_refused_by_the_spliced_decoder_as_by_the_fast_one(obj: dict) -> None:
+    splice_agrees(dumps(obj))
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        b'"completion_token_ids":[3,4],"completion_logprobs":[-0.5]',  # lengths differ (the validator)
+        b'"completion_token_ids":[3,-4],"completion_logprobs":[-0.5,-1]',  # a negative token id
+        b'"completion_token_ids":[3,2147483648],"completion_logprobs":[-0.5,-1]',  # >= 2**31
+        b'"completion_token_ids":[3,4.0],"completion_logprobs":[-0.5,-1]',  # a float token id
+        b'"completion_token_ids":[3,4],"completion_logprobs":[-0.5,0.5]',  # a logprob > 0
+        b'"completion_token_ids":[3,4],"completion_logprobs":[-0.5,"x"]',
+        b'"completion_token_ids":{"a":1},"completion_logprobs":[-0.5,-1]',
+        b'"completion_token_ids":[3,4],"completion_logprobs":[-0.5,-1e400]',
+    ],
+)
+def test_the_spliced_decoder_checks_every_array_item(arrays: bytes) -> None:
+    raw = encode(generation())
+    start = raw.index(b'"completion_token_ids"')
+    end = raw.index(b"]", raw.index(b'"completion_logprobs"')) + 1
+    bad = raw[:start] + arrays + raw[end:]
+    splice_agrees(bad)
+    with pytest.raises(DecodeError):
+        fast.GENERATION_SPLICE_DECODER.decode(bad)
+    if b"4.0" in arrays:  # pydantic's lax mode takes an integral float as an int
+        assert fast.decode_generation(bad).completion_token_ids == [3, 4]
+        return
+    with pytest.raises(InvalidEvent):
+        fast.decode_generation(bad)
+
+
+def test_json_array_reads_like_the_list() -> None:
+    raw = b'{"generation_id":"g","model":"m","policy_version":1,"prompt":"p","completion":"c",'
+    raw += b'"prompt_token_ids":[ 1 , 2 ],"completion_token_ids":[7],"completion_logprobs":[-1],"user_id":"u"}'
+    g = fast.GENERATION_SPLICE_DECODER.decode(raw)
+    arr = g.completion_logprobs
+    assert len(arr) == 1 and arr[0] == -1.0 and type(arr[0]) is float and list(arr) == [-1.0] and arr == [-1.0]
+    assert g.prompt_token_ids == [1, 2] and bytes(g.prompt_token_ids.raw) == b"[ 1 , 2 ]"
+    assert orjson.dumps({"x": g.prompt_token_ids.fragment()}) == b'{"x":[ 1 , 2 ]}'
+    assert g.prompt_token_ids != [1, 3] and g.prompt_token_ids != "[1,2]"

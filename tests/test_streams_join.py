@@ -370,3 +370,24 @@ def test_policy_version_beyond_json_safe_ints_is_dead_lettered_not_a_crash(big: 
     ok = raws[0].replace(str(big).encode(), str(2**53 - 1).encode())
     out = process_batch(fresh(), [Record(GEN, 0, 0, b"g1", ok), records[1]], WALL, CFG)
     assert [orjson.loads(v)["policy_version"] for _, _, v in out.samples] == [2**53 - 1]
+
+
+def test_token_arrays_are_carried_into_the_sample_as_sent() -> None:
+    """The generation's arrays reach the sample as their original JSON text (no list per
+    token on the fast path): any valid spelling gives the same values, the sample is a
+    valid SampleEvent, and a generation restored from the changelog gives the same bytes."""
+    raw_gen = encode(gen()).replace(b"[-0.1,-0.2,-0.3]", b"[ -0.1, -2e-1,-0.30 ]").replace(b"[1,2]", b"[1 ,2]")
+    events = [Record(GEN, 0, 0, b"g1", raw_gen), rec(fb("f1", "thumb", value=1), 1)]
+    states = fresh()
+    out = process_batch(states, events, WALL, CFG)
+    restored = {0: restore(0, [(k, v) for _, k, v in out.changelog], CFG, WALL)}
+    _, samples = run(states, [fb("f2", "accept", t=T0 + 2000)])
+    _, again = run(restored, [fb("f2", "accept", t=T0 + 2000)])
+    assert len(samples) == 1 and samples == again
+    s = samples[0]
+    assert (s["prompt_token_ids"], s["completion_token_ids"], s["completion_logprobs"]) == (
+        [1, 2],
+        [3, 4, 5],
+        [-0.1, -0.2, -0.3],
+    )
+    SampleEvent.model_validate(s)

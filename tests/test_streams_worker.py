@@ -387,3 +387,15 @@ def test_kill_9_and_restart(kafka_bootstrap: str, topic_prefix: str, tmp_path: P
             if w is not None:
                 w.stop()
         reader.close()
+
+
+def test_prefetch_config_bounds_librdkafkas_queue_by_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.hot_path import prefetch_config
+    from streams.settings import StreamsSettings
+
+    monkeypatch.setenv("RLFEED_PREFETCH_BATCHES", "3")
+    monkeypatch.setenv("RLFEED_FETCH_QUEUE_BACKOFF_MS", "7")
+    cfg = prefetch_config(StreamsSettings(batch_max_messages=250))
+    assert cfg == {"queued.min.messages": 750, "fetch.queue.backoff.ms": 7}
+    with pytest.raises(ValueError, match="prefetch_batches"):
+        StreamsSettings(prefetch_batches=0)
