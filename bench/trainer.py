@@ -14,8 +14,15 @@ snapshot (version 0). The modes:
   same core budget as `pipelined` (the fair baseline on a machine with that many cores);
 * `pipelined_bf16` (with `--bf16`): `pipelined` under bf16 autocast, to measure it on CPU.
 
-Per mode, `prepare_s` is the pipeline stage's time (the reference's forward), `step_s`
-the optimiser thread's time in steps, `wait_s` its time waiting for a batch.
+Per mode, `stages_s` is the pipeline stage's time by part (`consume`: the Kafka client,
+`decode`: decoding and routing, `collate`: padding, `prepare`: the reference's forward),
+`step_s` the optimiser's time in steps (`step_cpu_s` its thread's CPU time),
+`batch_wait_s` the optimiser's time between steps (the whole pipeline stage when
+synchronous; starvation when pipelined), `handoff_s` the reader blocked on a full queue
+(ahead of the optimiser). `predicted_max_speedup` of the synchronous run is what its own
+stage times allow a two-thread pipeline at best: (stage + step) / max(stage, step), the
+figure to read `pipelined_vs_sync_samples_per_s` against (a CPU-bound overlap on two
+cores cannot do better, and does worse when the cores are shared).
 
     .venv/bin/python bench/trainer.py [--samples 384] [--model-dir DIR] [--threads 1] [--bf16]
 
@@ -72,17 +79,50 @@ def make_samples(n: int, model: str, vocab: int, seed: int = 0) -> list:
     return out
 
 
-def run_once(settings, bootstrap: str) -> dict[str, float]:
+STAGES = ("consume_s", "decode_s", "collate_s", "prepare_s")
+"""The pipeline stage's parts, in order: the client's consume (waiting for the stream
+included), decoding and routing, padding, the reference's forward."""
+
+
+def pipeline_bound(stages: dict[str, float], step_s: float) -> float:
+    """The most a two-thread pipeline can gain over doing the same work one after the
+    other: (pipeline stage + optimiser step) / the slower of the two. Measured on the
+    synchronous run (one thread, every part uncontended), it is what pipelining can
+    predict at best, on two free cores."""
+    prep = sum(stages.values())
+    slow = max(prep, step_s)
+    return round((prep + step_s) / slow, 3) if slow > 0 else 1.0
+
+
+def run_once(settings, bootstrap: str) -> tuple[dict[str, float], object]:
     from services.trainer.loop import Trainer
 
     trainer = Trainer(settings, bootstrap)
     stats = trainer.run(idle_exit_s=20.0)  # generous: a loaded machine starts slowly
     active = stats["last_step_at"] - stats["first_batch_at"]
     # The first batch's wait is not in `active`; one step's time is, in both modes.
+    # Stage times cover every batch (the first's too); `batch_wait_s` the optimiser's
+    # time between the end of one step and the start of the next (reading and preparing
+    # inline when synchronous, starved by the pipeline when pipelined).
+    stages = {k: round(stats[f"reader_{k}"], 3) for k in STAGES}
+    n = max(stats["steps"], 1)
     return {
-        "prepare_s": round(stats["prepare_s"], 2),
-        "step_s": round(stats["step_s"], 2),
-        "wait_s": round(stats["wait_s"], 2),
+        "stages_s": stages,
+        "step_s": round(stats["step_s"], 3),
+        "step_cpu_s": round(stats["step_cpu_s"], 3),
+        "stage_cpu_s": round(stats["reader_stage_cpu_s"], 3),
+        "prepare_cpu_s": round(stats["reader_prepare_cpu_s"], 3),
+        "batch_wait_s": round(stats["batch_wait_s"], 3),
+        "handoff_s": round(stats["reader_handoff_s"], 3),
+        "per_step_ms": {
+            **{k.removesuffix("_s"): round(1000 * v / n, 1) for k, v in stages.items()},
+            "step": round(1000 * stats["step_s"] / n, 1),
+            "batch_wait": round(1000 * stats["batch_wait_s"] / max(n - 1, 1), 1),
+        },
+        "predicted_max_speedup": pipeline_bound(stages, stats["step_s"]),
+        # the same from CPU seconds: what the work allows on two free cores, whatever
+        # the load on this machine while it was measured
+        "predicted_max_speedup_cpu": pipeline_bound({"stage": stats["reader_stage_cpu_s"]}, stats["step_cpu_s"]),
         "ref_rows": stats["ref_rows"],
         "ref_rows_skipped": stats["ref_rows_skipped"],
         "steps": stats["steps"],
@@ -173,6 +213,8 @@ def main() -> None:
                 kl_coef=0.05,
             )
             results[mode], trainers[mode] = run_once(settings, bootstrap)
+            # as it goes (stderr): a failure in a later mode or in the publish keeps these
+            print(json.dumps({"mode": mode, **results[mode]}), file=sys.stderr, flush=True)
 
         trainer = trainers["pipelined"]
         full = trainer.store.manifest("bench-policy", 0)
@@ -193,6 +235,16 @@ def main() -> None:
             "cpu_count": os.cpu_count(),
             **results,
             **{f"{m}_vs_sync_samples_per_s": ratio(results, m) for m in modes if m != "synchronous"},
+            # what the synchronous run's own stage times allow a 2-thread pipeline at best
+            "pipelined_vs_sync_predicted_max": results["synchronous"]["predicted_max_speedup"],
+            "pipelined_vs_sync_predicted_max_cpu": results["synchronous"]["predicted_max_speedup_cpu"],
+            # CPU seconds per sample, both threads: above 1, the pipelined run paid extra
+            # CPU for the same work (contention: GIL, caches, memory bandwidth)
+            "pipelined_vs_sync_cpu_per_sample": round(
+                (results["pipelined"]["step_cpu_s"] + results["pipelined"]["stage_cpu_s"])
+                / max(results["synchronous"]["step_cpu_s"] + results["synchronous"]["stage_cpu_s"], 1e-9),
+                3,
+            ),
             "full_snapshot_bytes": full.size_bytes,
             "delta_bytes": delta_ev.size_bytes,
             "delta_vs_full": round(delta_ev.size_bytes / full.size_bytes, 4),

@@ -155,15 +155,17 @@ def test_small_steps_use_bitmap_mode_and_compress(dtype: torch.dtype) -> None:
     blob = delta.encode({"w": old}, {"w": new})
     assert _bits_equal(delta.apply({"w": old}, blob), {"w": new})
     (entry,) = delta.read_header(blob)["tensors"]
-    assert entry["mode"] in ("bitmap", "rice")
+    assert entry["mode"] in ("bitmap", "rice", "ricesm")
     assert len(blob) < old.numel() * old.element_size() / 4
 
 
+@pytest.mark.parametrize("values", ["zigzag", "signmag"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("step", [1e-6, 1e-4, 1e-2])
-def test_rice_mode_round_trips(dtype: torch.dtype, step: float) -> None:
-    """`rice` codes the change map per exponent class: bit-exact whatever fraction moved
-    (none, few, most, all of a class); a truncated payload is refused."""
+def test_rice_mode_round_trips(dtype: torch.dtype, step: float, values: str) -> None:
+    """`rice`/`ricesm` code the change map per exponent class: bit-exact whatever fraction
+    moved (none, few, most, all of a class), with either coding of the differences; a
+    truncated payload is refused."""
     g = torch.Generator().manual_seed(1)
     old = (torch.randn(128, 300, generator=g) * 0.05).to(dtype)
     old[0, :50] = 0.0  # a class (zero) that does not move at all...
@@ -172,12 +174,48 @@ def test_rice_mode_round_trips(dtype: torch.dtype, step: float) -> None:
     new = master.to(dtype)
     u = delta._UINT[old.element_size()]
     a, b = delta._raw(old).view(u), delta._raw(new).view(u)
-    payload, count = delta._rice_payload(a, b, dtype)
+    payload, count = delta._rice_payload(a, b, dtype, values)
     assert count == int((a != b).sum())
-    back = delta._apply_rice(a, payload, count, dtype, "w")
+    back = delta._apply_rice(a, payload, count, dtype, "w", values)
     assert np.array_equal(back, b)
     with pytest.raises(delta.DeltaError):
-        delta._apply_rice(a, payload[:-1], count, dtype, "w")
+        delta._apply_rice(a, payload[:-1], count, dtype, "w", values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_signmag_values_cover_every_difference(dtype: torch.dtype) -> None:
+    """Sign-magnitude differences: +-1, magnitudes past the one-byte escape (255 and
+    more), the largest (-2**(bits-1), a sign flip of the bits) and wraps round trip."""
+    u = delta._UINT[torch.empty((), dtype=dtype).element_size()]
+    nbits = 8 * np.dtype(u).itemsize
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**nbits - 1, 4096, dtype=np.uint64, endpoint=True).astype(u)
+    steps = [1, -1, 2, -2, 255, -255, 256, -256, 257, 70000 % 2**nbits, 2 ** (nbits - 1), 2**nbits - 1]
+    steps = [x % 2**nbits for x in steps]  # as the unsigned difference mod 2**bits
+    d = np.array(steps * (4096 // len(steps)) + steps[: 4096 % len(steps)], dtype=np.uint64).astype(u)
+    new = base + d
+    data = delta._signmag_values(base, new)
+    assert np.array_equal(delta._read_signmag(data, base.size, u, "w"), d)
+    with pytest.raises(delta.DeltaError):
+        delta._read_signmag(data[:-1], base.size, u, "w")
+    with pytest.raises(delta.DeltaError):
+        delta._read_signmag(data + b"\0", base.size, u, "w")
+
+
+def test_signmag_beats_zigzag_on_one_ulp_steps() -> None:
+    """A bf16 publish of a small step (most changed elements move +-1 ulp): `ricesm` is
+    chosen, and is smaller than `rice` of the same change."""
+    g = torch.Generator().manual_seed(2)
+    master = torch.randn(512, 512, generator=g) * 0.05
+    old = master.to(torch.bfloat16)
+    new = (master - 5e-5 * torch.sign(torch.randn(512, 512, generator=g))).to(torch.bfloat16)
+    blob = delta.encode({"w": old}, {"w": new})
+    (entry,) = delta.read_header(blob)["tensors"]
+    assert entry["mode"] == "ricesm"
+    assert _bits_equal(delta.apply({"w": old}, blob), {"w": new})
+    a, b = delta._raw(old).view(np.uint16), delta._raw(new).view(np.uint16)
+    zz, _ = delta._rice_payload(a, b, torch.bfloat16, "zigzag")
+    assert entry["length"] < len(delta._compress(delta.default_codec(), zz))
 
 
 def test_format_2_deltas_still_apply() -> None:
@@ -192,7 +230,7 @@ def test_format_2_deltas_still_apply() -> None:
     head["format"] = 2
     body = json.dumps(head, separators=(",", ":")).encode()
     v2 = delta.MAGIC_V2 + struct.pack("<I", len(body)) + body + blob[start:]
-    if "rice" in modes:
+    if modes & {"rice", "ricesm"}:
         with pytest.raises(delta.DeltaError, match="unknown mode"):
             delta.apply(old, v2)
     else:
@@ -220,6 +258,61 @@ def test_format_1_deltas_still_apply() -> None:
     assert _bits_equal(delta.apply(old, v1), new)
     new["b"] = (old["b"].double() - 1e-4).to(torch.bfloat16)
     blob = delta.encode(old, new)
-    assert "bitmap" in {e["mode"] for e in delta.read_header(blob)["tensors"]}
-    with pytest.raises(delta.DeltaError):  # format 2 under the format-1 magic
+    assert {e["mode"] for e in delta.read_header(blob)["tensors"]} & {"bitmap", "rice", "ricesm"}
+    with pytest.raises(delta.DeltaError):  # a newer format under the format-1 magic
         delta.apply(old, delta.MAGIC_V1 + blob[len(delta.MAGIC) :])
+
+
+def test_format_3_deltas_still_apply() -> None:
+    """A format-3 delta (`rice`, no `ricesm`) still decodes; `ricesm` under the format-3
+    magic is refused."""
+    g = torch.Generator().manual_seed(3)
+    master = torch.randn(256, 256, generator=g) * 0.05
+    old = {"w": master.to(torch.bfloat16)}
+    new = {"w": (master - 5e-5 * torch.sign(torch.randn(256, 256, generator=g))).to(torch.bfloat16)}
+    u = delta._UINT[2]
+    payload, count = delta._rice_payload(delta._raw(old["w"]).view(u), delta._raw(new["w"]).view(u), torch.bfloat16)
+    data = delta._compress(delta.default_codec(), payload)
+    entry = {"name": "w", "dtype": "bfloat16", "shape": [256, 256], "mode": "rice", "count": count}
+    entry.update(raw_length=len(payload), offset=0, length=len(data))
+    head = {
+        "format": 3,
+        "codec": delta.default_codec(),
+        "base_sha256": delta.weights_sha256(old),
+        "new_sha256": delta.weights_sha256(new),
+        "tensors": [entry],
+    }
+    body = json.dumps(head, separators=(",", ":")).encode()
+    v3 = delta.MAGIC_V3 + struct.pack("<I", len(body)) + body + data
+    assert _bits_equal(delta.apply(old, v3), new)
+    blob = delta.encode(old, new)
+    assert delta.read_header(blob)["tensors"][0]["mode"] == "ricesm"
+    head = delta.read_header(blob)
+    start = head.pop("_payload_start")
+    head["format"] = 3
+    body = json.dumps(head, separators=(",", ":")).encode()
+    with pytest.raises(delta.DeltaError, match="unknown mode"):
+        delta.apply(old, delta.MAGIC_V3 + struct.pack("<I", len(body)) + body + blob[start:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int32])
+def test_encode_builds_the_same_payloads_as_each_mode_alone(dtype: torch.dtype) -> None:
+    """`encode` builds `bitmap`, `rice` and `ricesm` from one shared order and change map:
+    byte for byte what each mode's own function writes (floats get all three)."""
+    g = torch.Generator().manual_seed(4)
+    if dtype.is_floating_point:
+        master = torch.randn(96, 64, generator=g) * 0.05
+        old, new = master.to(dtype), (master - 1e-4 * torch.sign(torch.randn(96, 64, generator=g))).to(dtype)
+    else:
+        old = torch.randint(0, 1000, (96, 64), generator=g, dtype=dtype)
+        new = old + torch.randint(-1, 2, (96, 64), generator=g, dtype=dtype)
+    u = delta._UINT[old.element_size()]
+    a, b = delta._raw(old).view(u), delta._raw(new).view(u)
+    payloads, count = delta._ordered_payloads(a, b, dtype)
+    assert count == int((a != b).sum())
+    assert payloads["bitmap"] == delta._bitmap_payload(a, b, dtype)[0]
+    if dtype.is_floating_point:
+        assert payloads["rice"] == delta._rice_payload(a, b, dtype, "zigzag")[0]
+        assert payloads["ricesm"] == delta._rice_payload(a, b, dtype, "signmag")[0]
+    else:
+        assert payloads.keys() == {"bitmap"}

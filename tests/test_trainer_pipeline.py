@@ -144,3 +144,27 @@ def test_trainer_computes_reference_logprobs_in_the_pipeline_stage(
         want = policy.token_logprobs(trainer.reference, part.input_ids, part.attention_mask, part.completion_mask)
     assert torch.allclose(part.ref_logp, want, atol=1e-6)
     assert prompt_key(samples[0]) == prompt_key(samples[1])
+    # where the time went, per stage, is recorded (bench/trainer.py reports it)
+    assert stats["reader_prepare_cpu_s"] > 0 and stats["step_cpu_s"] > 0
+    assert stats["reader_stage_cpu_s"] >= stats["reader_prepare_cpu_s"]
+    assert stats["reader_prepare_s"] >= stats["prepare_s"] > 0
+    assert all(stats[f"reader_{k}"] >= 0 for k in ("consume_s", "decode_s", "collate_s", "handoff_s"))
+    if not pipelined:  # nothing is handed over between threads
+        assert stats["reader_handoff_s"] == 0
+
+
+def test_pipeline_bound_is_the_sum_over_the_slower_stage() -> None:
+    """bench/trainer.py's prediction: two stages overlap at best to the slower one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "trainer.py"
+    spec = importlib.util.spec_from_file_location("bench_trainer", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # (rounded to 3 places)
+    assert bench.pipeline_bound({"consume_s": 0.5, "prepare_s": 0.5}, 3.0) == pytest.approx(4 / 3, abs=1e-3)
+    assert bench.pipeline_bound({"prepare_s": 2.0}, 2.0) == 2.0  # balanced: the 2x ceiling
+    assert bench.pipeline_bound({"prepare_s": 3.0}, 1.0) == pytest.approx(4 / 3, abs=1e-3)
+    assert bench.pipeline_bound({"prepare_s": 0.0}, 0.0) == 1.0

@@ -11,6 +11,7 @@ denormals survive) and writes, per tensor, the cheapest of:
 | xor | XOR of every element's bits (zero where unchanged) |
 | raw | the new tensor's bits (new name, or dtype/shape changed) |
 | rice | like bitmap, but which elements changed is Rice-coded per exponent class |
+| ricesm | like rice, but the differences as sign bits + one-byte magnitudes |
 
 `bitmap` (format 2) is what large tensors get: a small optimiser step moves an element
 by a few units in the last place, so `new - old` of the bits, read as an integer (mod
@@ -33,6 +34,17 @@ directions are vectorised. Rice codes of a geometric gap distribution come withi
 percent of the binary entropy h(p) per element, where zstd over the packed bitmap pays
 for whole bytes. The differences of the changed elements follow as in `bitmap`.
 
+`ricesm` (format 4) keeps `rice`'s change map and codes the differences as sign and
+magnitude: the packed sign bits, then one byte per element, min(|d| - 1, 255), then the
+full |d| - 1 of the few whose byte is 255. A bf16 publish of a small step moves most
+changed elements by +-1 ulp, so the sign is a fair coin that costs exactly one bit here,
+while inside a zigzag byte zstd's byte-wise Huffman code could not spend less than a
+bit on the *byte* holding it besides; the magnitudes are mostly 0, in runs per exponent
+class, which zstd codes well below a bit each. On SmolLM2-135M (bench/delta.py, bf16,
+one step at the trainer's lr) it shrinks the differences by about a third, below the
+order-0 entropy of the zigzag values per class. Which of the options is smallest is
+still decided per tensor, so fp32 deltas (larger moves) keep `rice` where it wins.
+
 Payload bytes are byte-plane shuffled (all first bytes, then all second bytes, ...),
 because the XOR of two close floats is zero in its high bytes, and then compressed with
 zstd when it is installed (`compression.zstd`, `backports.zstd` or `zstandard`), zlib
@@ -41,8 +53,9 @@ result; `apply` checks both, so a delta applied to the wrong base, or a corrupte
 raises `DeltaError` instead of producing wrong weights.
 
 File layout: `MAGIC`, a little-endian u32 header length, the JSON header, the payloads.
-Format 1 (`RLFDELTA1`) has no `bitmap` mode, format 2 (`RLFDELTA2`) no `rice` mode; this
-module writes format 3 (`RLFDELTA3`) and reads all three.
+Format 1 (`RLFDELTA1`) has no `bitmap` mode, format 2 (`RLFDELTA2`) no `rice` mode,
+format 3 (`RLFDELTA3`) no `ricesm` mode; this module writes format 4 (`RLFDELTA4`) and
+reads all four.
 """
 
 from __future__ import annotations
@@ -57,14 +70,16 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-MAGIC = b"RLFDELTA3\n"
-"""The magic this module writes (format 3)."""
+MAGIC = b"RLFDELTA4\n"
+"""The magic this module writes (format 4)."""
+MAGIC_V3 = b"RLFDELTA3\n"
+"""Format 3: same layout, no `ricesm` mode; still read."""
 MAGIC_V2 = b"RLFDELTA2\n"
 """Format 2: same layout, no `rice` mode; still read."""
 MAGIC_V1 = b"RLFDELTA1\n"
 """Format 1: same layout, no `bitmap` mode; still read."""
-_FORMATS = {MAGIC_V1: 1, MAGIC_V2: 2, MAGIC: 3}
-_MODES_SINCE = {"bitmap": 2, "rice": 3}
+_FORMATS = {MAGIC_V1: 1, MAGIC_V2: 2, MAGIC_V3: 3, MAGIC: 4}
+_MODES_SINCE = {"bitmap": 2, "rice": 3, "ricesm": 4}
 SPARSE_MAX_FRACTION = 0.125
 """A tensor may go sparse when at most this fraction of its elements changed."""
 BITMAP_MIN_NUMEL = 4096
@@ -226,16 +241,11 @@ def _rice_param(gaps: np.ndarray) -> int:
     return best
 
 
-def _rice_payload(base: np.ndarray, new: np.ndarray, dtype: torch.dtype) -> tuple[bytes, int]:
-    """`rice` payload and the changed count. Layout: per class a u32 changed count
-    (little-endian), per class a u8 Rice parameter, a u64 unary bit count, the packed
-    unary stream (per gap: q zeros then a one), the packed remainder stream (r bits per
-    gap, most significant first), the shuffled zigzag differences (as `bitmap`)."""
-    nbits = 8 * base.dtype.itemsize
-    order = _order(base, dtype)
-    assert order is not None
-    base, new = base[order], new[order]
-    changed = base != new
+def _rice_positions(base: np.ndarray, changed: np.ndarray, dtype: torch.dtype) -> bytes:
+    """The change map of `rice` mode (`base` and `changed` in `_order`): per class a u32
+    changed count (little-endian), per class a u8 Rice parameter, a u64 unary bit count,
+    the packed unary stream (per gap: q zeros then a one), the packed remainder stream (r
+    bits per gap, most significant first)."""
     bounds = _classes(base, dtype)
     counts = np.empty(len(bounds) - 1, dtype=np.uint32)
     params = np.zeros(len(bounds) - 1, dtype=np.uint8)
@@ -260,27 +270,75 @@ def _rice_payload(base: np.ndarray, new: np.ndarray, dtype: torch.dtype) -> tupl
             rems.append(((gaps[:, None] >> shifts) & np.uint64(1)).astype(bool).reshape(-1))
     u = np.concatenate(unary) if unary else np.zeros(0, dtype=bool)
     rb = np.concatenate(rems) if rems else np.zeros(0, dtype=bool)
-    d = (new[changed] - base[changed]).view(f"i{base.dtype.itemsize}")
-    zz = ((d << np.int8(1).astype(d.dtype)) ^ (d >> np.int8(nbits - 1).astype(d.dtype))).view(base.dtype)
-    payload = b"".join(
+    return b"".join(
         [
             counts.astype("<u4").tobytes(),
             params.tobytes(),
             struct.pack("<Q", u.size),
             np.packbits(u).tobytes(),
             np.packbits(rb).tobytes(),
-            _shuffle(zz.view(np.uint8), base.dtype.itemsize),
         ]
     )
-    return payload, int(changed.sum())
 
 
-def _apply_rice(base: np.ndarray, payload: bytes, count: int, dtype: torch.dtype, name: str) -> np.ndarray:
-    """The new elements (flat, element-sized unsigned type) from a `rice` payload."""
-    itemsize = base.dtype.itemsize
+def _zigzag_values(base: np.ndarray, new: np.ndarray) -> bytes:
+    """The changed elements' `new - old` (mod 2**bits), zigzag-mapped, byte-shuffled."""
+    nbits = 8 * base.dtype.itemsize
+    d = (new - base).view(f"i{base.dtype.itemsize}")
+    zz = ((d << np.int8(1).astype(d.dtype)) ^ (d >> np.int8(nbits - 1).astype(d.dtype))).view(base.dtype)
+    return _shuffle(zz.view(np.uint8), base.dtype.itemsize)
+
+
+def _signmag_values(base: np.ndarray, new: np.ndarray) -> bytes:
+    """The changed elements' `new - old` (mod 2**bits, never 0) as sign and magnitude:
+    the packed sign bits (1: negative), then per element one byte min(|d| - 1, 255), then
+    the full |d| - 1 (byte-shuffled, element-sized) of the elements whose byte is 255.
+
+    A small step moves most changed elements by +-1 ulp: the sign is a fair coin (one bit,
+    which zstd's byte-wise Huffman cannot code below a bit per *byte* when it is mixed
+    into the zigzag byte), and the magnitudes are mostly 0, in runs per exponent class."""
+    d = new - base  # wraps: unsigned arithmetic mod 2**bits
+    neg = d.view(f"i{base.dtype.itemsize}") < 0
+    mag = np.where(neg, np.zeros_like(d) - d, d) - base.dtype.type(1)
+    small = np.minimum(mag, base.dtype.type(255)).astype(np.uint8)
+    big = mag[small == 255]
+    return np.packbits(neg).tobytes() + small.tobytes() + _shuffle(big.view(np.uint8), base.dtype.itemsize)
+
+
+def _rice_payload(base: np.ndarray, new: np.ndarray, dtype: torch.dtype, values: str = "zigzag") -> tuple[bytes, int]:
+    """`rice` (values `zigzag`: as `bitmap` mode) or `ricesm` (values `signmag`) payload,
+    and the changed count: `_rice_positions`, then the changed elements' differences."""
     order = _order(base, dtype)
     assert order is not None
-    ordered = base[order]
+    base, new = base[order], new[order]
+    changed = base != new
+    code = _signmag_values if values == "signmag" else _zigzag_values
+    return _rice_positions(base, changed, dtype) + code(base[changed], new[changed]), int(changed.sum())
+
+
+def _ordered_payloads(base: np.ndarray, new: np.ndarray, dtype: torch.dtype) -> tuple[dict[str, bytes], int]:
+    """The `bitmap` payload, and for floats the `rice` and `ricesm` ones, of one tensor,
+    sharing the visiting order, the change map and the differences (what
+    `_bitmap_payload` and `_rice_payload` return, computed once); the changed count."""
+    order = _order(base, dtype)
+    if order is not None:
+        base, new = base[order], new[order]
+    changed = base != new
+    b, n = base[changed], new[changed]
+    zz = _zigzag_values(b, n)
+    out = {"bitmap": np.packbits(changed).tobytes() + zz}
+    if dtype in _MANTISSA_BITS:
+        positions = _rice_positions(base, changed, dtype)
+        out["rice"] = positions + zz
+        out["ricesm"] = positions + _signmag_values(b, n)
+    return out, int(b.size)
+
+
+def _read_rice_positions(
+    ordered: np.ndarray, payload: bytes, count: int, dtype: torch.dtype, name: str
+) -> tuple[np.ndarray, int]:
+    """The change map (in `_order`) of a `rice`/`ricesm` payload, and where its values
+    start in `payload`."""
     bounds = _classes(ordered, dtype)
     n_cls = len(bounds) - 1
     sizes = np.diff(bounds)
@@ -296,8 +354,8 @@ def _apply_rice(base: np.ndarray, payload: bytes, count: int, dtype: torch.dtype
     minority = np.where(2 * counts <= sizes, counts, sizes - counts) * coded
     n_rem = int((minority * params).sum())
     u_bytes, r_bytes = (n_unary + 7) // 8, (n_rem + 7) // 8
-    if len(payload) != at + u_bytes + r_bytes + count * itemsize:
-        raise DeltaError(f"{name}: rice payload has the wrong size")
+    if len(payload) < at + u_bytes + r_bytes:
+        raise DeltaError(f"{name}: rice payload too short")
     u = np.unpackbits(np.frombuffer(payload[at : at + u_bytes], np.uint8), count=n_unary)
     rb = np.unpackbits(np.frombuffer(payload[at + u_bytes : at + u_bytes + r_bytes], np.uint8), count=n_rem)
     ends = np.flatnonzero(u)
@@ -325,10 +383,47 @@ def _apply_rice(base: np.ndarray, payload: bytes, count: int, dtype: torch.dtype
         seg = np.zeros(hi - lo, dtype=bool)
         seg[pos] = True
         changed[lo:hi] = seg if 2 * counts[c] <= sizes[c] else ~seg
-    zz = _unshuffle(payload[at + u_bytes + r_bytes :], itemsize).view(base.dtype)
-    one = base.dtype.type(1)
-    d = (zz >> one) ^ (np.zeros_like(zz) - (zz & one))
-    ordered[changed] += d
+    return changed, at + u_bytes + r_bytes
+
+
+def _read_zigzag(data: bytes, count: int, u: type, name: str) -> np.ndarray:
+    """The differences `_zigzag_values` wrote (element-sized unsigned, mod 2**bits)."""
+    itemsize = np.dtype(u).itemsize
+    if len(data) != count * itemsize:
+        raise DeltaError(f"{name}: rice payload has the wrong size")
+    zz = _unshuffle(data, itemsize).view(u)
+    one = u(1)
+    return (zz >> one) ^ (np.zeros_like(zz) - (zz & one))
+
+
+def _read_signmag(data: bytes, count: int, u: type, name: str) -> np.ndarray:
+    """The differences `_signmag_values` wrote (element-sized unsigned, mod 2**bits)."""
+    itemsize = np.dtype(u).itemsize
+    n_sign = (count + 7) // 8
+    if len(data) < n_sign + count:
+        raise DeltaError(f"{name}: ricesm payload too short")
+    neg = np.unpackbits(np.frombuffer(data[:n_sign], np.uint8), count=count).astype(bool)
+    small = np.frombuffer(data[n_sign : n_sign + count], np.uint8)
+    esc = small == 255
+    if len(data) != n_sign + count + int(esc.sum()) * itemsize:
+        raise DeltaError(f"{name}: ricesm payload has the wrong size")
+    mag = small.astype(u)
+    mag[esc] = _unshuffle(data[n_sign + count :], itemsize).view(u)
+    d = mag + u(1)
+    return np.where(neg, np.zeros_like(d) - d, d)
+
+
+def _apply_rice(
+    base: np.ndarray, payload: bytes, count: int, dtype: torch.dtype, name: str, values: str = "zigzag"
+) -> np.ndarray:
+    """The new elements (flat, element-sized unsigned type) from a `rice` (values
+    `zigzag`) or `ricesm` (values `signmag`) payload."""
+    order = _order(base, dtype)
+    assert order is not None
+    ordered = base[order]
+    changed, at = _read_rice_positions(ordered, payload, count, dtype, name)
+    read = _read_signmag if values == "signmag" else _read_zigzag
+    ordered[changed] += read(payload[at:], count, base.dtype.type, name)
     out = np.empty_like(base)
     out[order] = ordered
     return out
@@ -384,11 +479,9 @@ def encode(
                     options.append((_compress(codec, p), p, {"mode": "sparse", "count": int(changed.size)}))
                 if numel >= BITMAP_MIN_NUMEL and itemsize in _UINT:
                     u = _UINT[itemsize]
-                    p, count = _bitmap_payload(_raw(base).view(u), new_raw.view(u), t.dtype)
-                    options.append((_compress(codec, p), p, {"mode": "bitmap", "count": count}))
-                    if t.dtype in _MANTISSA_BITS:
-                        p, count = _rice_payload(_raw(base).view(u), new_raw.view(u), t.dtype)
-                        options.append((_compress(codec, p), p, {"mode": "rice", "count": count}))
+                    payloads, count = _ordered_payloads(_raw(base).view(u), new_raw.view(u), t.dtype)
+                    for mode, p in payloads.items():
+                        options.append((_compress(codec, p), p, {"mode": mode, "count": count}))
                 if not options:
                     p = _shuffle(xor, itemsize)
                     options.append((_compress(codec, p), p, {"mode": "xor"}))
@@ -402,7 +495,7 @@ def encode(
         chunks.append(data)
         entries.append(entry)
     header = {
-        "format": 3,
+        "format": 4,
         "codec": codec,
         "base_sha256": old_sha256 or weights_sha256(old),
         "new_sha256": new_sha256 or weights_sha256(new),
@@ -483,9 +576,15 @@ def apply(
                 u = _UINT[itemsize]
                 new_flat = _apply_bitmap(base_raw.view(u), payload, int(e["count"]), dtype, e["name"])
                 out[e["name"]] = _tensor(new_flat.view(np.uint8), dtype, shape)
-            elif mode == "rice" and itemsize in _UINT and dtype in _MANTISSA_BITS and fmt >= _MODES_SINCE["rice"]:
+            elif (
+                mode in ("rice", "ricesm")
+                and itemsize in _UINT
+                and dtype in _MANTISSA_BITS
+                and fmt >= _MODES_SINCE[mode]
+            ):
                 u = _UINT[itemsize]
-                new_flat = _apply_rice(base_raw.view(u), payload, int(e["count"]), dtype, e["name"])
+                values = "signmag" if mode == "ricesm" else "zigzag"
+                new_flat = _apply_rice(base_raw.view(u), payload, int(e["count"]), dtype, e["name"], values)
                 out[e["name"]] = _tensor(new_flat.view(np.uint8), dtype, shape)
             else:
                 raise DeltaError(f"{e['name']}: unknown mode {mode!r}")

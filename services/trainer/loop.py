@@ -143,7 +143,9 @@ class Trainer:
             "samples": 0,
             "optimizer_steps": 0,
             "wait_s": 0.0,
+            "batch_wait_s": 0.0,
             "step_s": 0.0,
+            "step_cpu_s": 0.0,
             "prepare_s": 0.0,
             "ref_rows": 0,
             "ref_rows_skipped": 0,
@@ -177,6 +179,7 @@ class Trainer:
             self.reader.start()
         idle_since = time.monotonic()
         started = time.monotonic()
+        done_at: float | None = None  # when the previous step (and its checkpoint) ended
         try:
             while not self.stop.is_set():
                 if self.watcher is not None:
@@ -189,17 +192,24 @@ class Trainer:
                         break
                     self._maybe_checkpoint_and_publish()
                     continue
-                idle_since = time.monotonic()
-                t1 = time.monotonic()
+                t1 = idle_since = time.monotonic()
+                if done_at is not None:
+                    # since the previous step: the optimiser waited for the pipeline
+                    # (pipelined) or read and prepared this batch itself (synchronous)
+                    self.stats["batch_wait_s"] += t1 - done_at
                 self.stats.setdefault("first_batch_at", t1)
+                c1 = time.thread_time()
                 self.step(batch)
                 self.stats["last_step_at"] = time.monotonic()
                 self.stats["step_s"] += self.stats["last_step_at"] - t1
+                self.stats["step_cpu_s"] += time.thread_time() - c1
                 self._maybe_checkpoint_and_publish()
+                done_at = time.monotonic()
                 if max_steps is not None and self.stats["steps"] >= max_steps:
                     break
         finally:
             self.stats["elapsed_s"] = time.monotonic() - started
+            self.stats.update({f"reader_{k}": v for k, v in self.reader.timings.items()})
             self.stats.update(latency_figures(self.feedback_to_training_ms, "feedback_to_training_ms"))
             self.stats.update(self.meta.counters)
             # Logged before the shutdown checkpoint: a large model's checkpoint can outlast

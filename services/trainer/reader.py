@@ -75,6 +75,14 @@ class SampleReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.timings: dict[str, float] = dict.fromkeys(
+            ("consume_s", "decode_s", "collate_s", "prepare_s", "handoff_s", "stage_cpu_s", "prepare_cpu_s"), 0.0
+        )
+        """Seconds per stage (wall): `consume_s` in the client's consume (waiting for the
+        stream included), `decode_s` decoding and routing messages, `collate_s` padding,
+        `prepare_s` the `prepare` callback, `handoff_s` the read-ahead thread blocked on a
+        full queue (it is ahead of the optimiser); CPU seconds of the thread that ran them:
+        `stage_cpu_s` all of a batch's reading and preparing, `prepare_cpu_s` the callback."""
 
     def next_batch(self, stop: threading.Event | None = None) -> Batch | None:
         """Read until a batch is full, or `trainer_batch_wait_s` passed since its first
@@ -83,6 +91,8 @@ class SampleReader:
         batch = Batch()
         first_at: float | None = None
         give_up = time.monotonic() + s.trainer_batch_wait_s
+        consume_s = 0.0  # counted only for a batch that got messages (not idle polling)
+        cpu0 = time.thread_time()
         while len(batch.samples) < s.trainer_batch_size:
             now = time.monotonic()
             deadline = first_at + s.trainer_batch_wait_s if first_at is not None else give_up
@@ -91,6 +101,8 @@ class SampleReader:
             msgs = self.consumer.consume(
                 num_messages=s.trainer_batch_size - len(batch.samples), timeout=min(0.2, deadline - now)
             )
+            t0 = time.monotonic()
+            consume_s += t0 - now
             for msg in msgs:
                 err = msg.error()
                 if err is not None:
@@ -100,13 +112,22 @@ class SampleReader:
                 if first_at is None:
                     first_at = time.monotonic()
                 self._take(batch, msg)
+            self.timings["decode_s"] += time.monotonic() - t0
         if not batch.messages:
             return None
+        self.timings["consume_s"] += consume_s
         batch.offsets_after = dict(self.position)
         if batch.samples:
+            t0 = time.monotonic()
             batch.collated = collate(batch.samples, s.max_seq_tokens, self.pad_id)
+            t1 = time.monotonic()
+            self.timings["collate_s"] += t1 - t0
             if self.prepare is not None:
+                c1 = time.thread_time()
                 self.prepare(batch)
+                self.timings["prepare_s"] += time.monotonic() - t1
+                self.timings["prepare_cpu_s"] += time.thread_time() - c1
+        self.timings["stage_cpu_s"] += time.thread_time() - cpu0
         return batch
 
     def _take(self, batch: Batch, msg) -> None:
@@ -151,12 +172,14 @@ class SampleReader:
                 batch = self.next_batch(self._stop)
                 if batch is None:
                     continue
+                t0 = time.monotonic()
                 while not self._stop.is_set():
                     try:
                         self.ready.put(batch, timeout=0.2)
                         break
                     except queue.Full:
                         continue
+                self.timings["handoff_s"] += time.monotonic() - t0
         except BaseException as exc:  # surfaced to the trainer thread
             self.error = exc
             event(log, "reader_failed", logging.ERROR, error=repr(exc))
