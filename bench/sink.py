@@ -14,10 +14,18 @@ Then, in one run:
   insert and table) and with one insert per table (the best batching there is).
   `raw_insert_rows_per_s` is the best of these four; each one is in `raw`.
 - `ratio`: rows_per_s / raw_insert_rows_per_s.
+- `sink_cpu_us_per_msg`: CPU this process spent per message while the sink ran (every
+  thread: decoding, librdkafka's, chdb's), `raw_insert_cpu_us_per_row` the same for the
+  best raw insert, `cpu_ratio` their ratio: figures that a loaded machine disturbs far
+  less than the rates (the broker, a separate process, is in neither);
+  `consume_only_cpu_us_per_msg` is the bare consumer's share of the sink's CPU.
 - `consume_only_msgs_per_s`: a bare confluent-kafka consumer reading the same messages
   (no decoding, no insert): the Kafka side's own limit in this run.
 
-Usage: `python bench/sink.py [--events 1000000] [--batch 50000]` (`RLFEED_KAFKA_URL`
+With `--split`, `cpu_us_per_msg_by_stage` adds the CPU per message of each stage of the
+sink's hot path measured offline (`stage_split`) and the bare consumer's.
+
+Usage: `python bench/sink.py [--events 1000000] [--batch 50000] [--split]` (`RLFEED_KAFKA_URL`
 picks a running broker; otherwise an embedded noida-db is started in a temporary
 directory, stopped by pid and deleted afterwards). Profile the sink with py-spy:
 `py-spy record -o sink.svg -- python bench/sink.py --events 200000`.
@@ -209,8 +217,9 @@ def produce_all(bootstrap: str, prefix: str, messages: list[tuple[str, bytes, by
         raise RuntimeError("producer did not deliver every message within 300 s")
 
 
-def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple[float, dict]:
-    """Seconds from Sink() until n messages are committed, and the sink's stats."""
+def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple[float, float, dict]:
+    """Seconds from Sink() until n messages are committed, the CPU seconds this process
+    used meanwhile (every thread: decoding, librdkafka, chdb), and the sink's stats."""
     from services.sink.settings import SinkSettings
     from services.sink.worker import Sink
 
@@ -218,30 +227,30 @@ def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple
         topic_prefix=prefix, sink_group_id="bench", sink_batch_max_events=batch, sink_batch_max_wait_s=0.5
     )
     stop = threading.Event()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     sink = Sink(settings, bootstrap, client)
     runner = threading.Thread(target=sink.run, args=(stop,), name="sink")
     runner.start()
     deadline = time.monotonic() + 1800
     while sink.stats.messages < n and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.005)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     stop.set()
     runner.join()
     stats = sink.stats.as_dict()
     sink.close()
     if stats["messages"] < n:
         raise RuntimeError(f"sink committed {stats['messages']} of {n} messages within the deadline")
-    return elapsed, stats
+    return elapsed, cpu, stats
 
 
-def bench_raw(client, messages: list, batch: int | None, columnar: bool) -> float:
-    """Seconds clickhouse-connect takes to insert the same rows, `batch` per insert and
-    table (None: all of a table's rows in one insert)."""
+def bench_raw(client, messages: list, batch: int | None, columnar: bool) -> tuple[float, float]:
+    """Seconds (and CPU seconds of this process) clickhouse-connect takes to insert the
+    same rows, `batch` per insert and table (None: all of a table's rows in one insert)."""
     by_table: dict[str, list[tuple]] = {}
     for topic, _, _, row in messages:
         by_table.setdefault(topic, []).append(row)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for topic, rows in by_table.items():
         spec = SPECS[topic]
         step = batch or len(rows)
@@ -252,13 +261,13 @@ def bench_raw(client, messages: list, batch: int | None, columnar: bool) -> floa
                 client.insert(spec.table, data, column_names=spec.columns, column_oriented=True)
             else:
                 client.insert(spec.table, chunk, column_names=spec.columns)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def bench_consume(bootstrap: str, prefix: str, n: int, batch: int) -> float:
-    """Seconds a bare confluent-kafka consumer (a new group, the sink's consumer settings,
-    `consume(batch)`, reading each value, no decoding) takes to read the n messages: the
-    Kafka share of the sink's time."""
+def bench_consume(bootstrap: str, prefix: str, n: int, batch: int) -> tuple[float, float]:
+    """Seconds (and CPU seconds of this process) a bare confluent-kafka consumer (a new
+    group, the sink's consumer settings, `consume(batch)`, reading each value, no
+    decoding) takes to read the n messages: the Kafka share of the sink's time."""
     from confluent_kafka import Consumer
 
     from schemas.topics import PUBLIC_TOPICS
@@ -272,7 +281,7 @@ def bench_consume(bootstrap: str, prefix: str, n: int, batch: int) -> float:
             "receive.message.max.bytes": 2_147_483_647,
         }
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     consumer.subscribe([t.full_name(prefix) for t in PUBLIC_TOPICS])
     got, deadline = 0, time.monotonic() + 1800
     while got < n and time.monotonic() < deadline:
@@ -280,11 +289,57 @@ def bench_consume(bootstrap: str, prefix: str, n: int, batch: int) -> float:
             if msg.error() is None:
                 msg.value()
                 got += 1
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     consumer.close()
     if got < n:
         raise RuntimeError(f"the bare consumer read {got} of {n} messages within the deadline")
-    return elapsed
+    return elapsed, cpu
+
+
+def stage_split(messages: list, batch: int, url: str) -> dict[str, float]:
+    """CPU microseconds per message of each stage of the sink's hot path, offline (no
+    Kafka; GC paused as the sink pauses it; `batch` messages at a time): decode and
+    validate (`counted_batch_decoder`), row mapping, redaction (the row functions with
+    redaction less without), columns (zip), insert (clickhouse-connect and chdb)."""
+    from schemas.fast import counted_batch_decoder
+    from services.clickhouse import migrations
+    from services.clickhouse.client import connect
+    from services.sink.worker import gc_paused
+
+    client = connect(url, "bench_split")
+    migrations.apply(client)
+    cpu = dict.fromkeys(("decode_validate", "row_mapping", "redaction", "columns", "insert"), 0.0)
+    types: dict[str, object] = {}
+    clock = time.process_time
+    for start in range(0, len(messages), batch):
+        by_topic: dict[str, list[bytes]] = {}
+        for topic, value, _, _ in messages[start : start + batch]:
+            by_topic.setdefault(topic, []).append(value)
+        for topic, values in by_topic.items():
+            spec = SPECS[topic]
+            plain = getattr(spec.row, "__wrapped__", spec.row)
+            with gc_paused():
+                t0 = clock()
+                structs = counted_batch_decoder(BY_NAME[topic].event)(values)
+                t1 = clock()
+                [plain(s) for s in structs]
+                t2 = clock()
+                rows = [spec.row(s) for s in structs]
+                t3 = clock()
+                columns = list(zip(*rows, strict=True))
+                t4 = clock()
+                if spec.table not in types:  # asked once per table, as the sink does
+                    types[spec.table] = client.create_insert_context(spec.table, spec.columns).column_types
+                client.insert(
+                    spec.table, columns, column_names=spec.columns, column_types=types[spec.table], column_oriented=True
+                )
+                t5 = clock()
+            cpu["decode_validate"] += t1 - t0
+            cpu["row_mapping"] += t2 - t1
+            cpu["redaction"] += max(0.0, (t3 - t2) - (t2 - t1))
+            cpu["columns"] += t4 - t3
+            cpu["insert"] += t5 - t4
+    return {k: round(v / len(messages) * 1e6, 2) for k, v in cpu.items()}
 
 
 def distinct_rows(client) -> int:
@@ -307,6 +362,11 @@ def main() -> None:
         choices=("env", "off"),
         default="env",
         help="PII redaction in the sink's rows: as RLFEED_REDACT_* say (default: on), or off",
+    )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="also measure the CPU per message of each stage offline (`stage_split`)",
     )
     args = parser.parse_args()
 
@@ -339,24 +399,31 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         client = connect(f"chdb://{work / 'chdb'}", "bench_sink")
         migrations.apply(client)
-        sink_s, stats = bench_sink(bootstrap, prefix, client, len(messages), batch)
+        sink_s, sink_cpu_s, stats = bench_sink(bootstrap, prefix, client, len(messages), batch)
         landed = distinct_rows(client)
         progress("sink", seconds=round(sink_s, 2), distinct_rows=landed)
 
         n = len(messages)
-        consume_s = bench_consume(bootstrap, prefix, n, batch)
+        consume_s, consume_cpu_s = bench_consume(bootstrap, prefix, n, batch)
         progress("consume_only", seconds=round(consume_s, 2))
         raw: dict[str, int] = {}
+        raw_cpu: dict[str, float] = {}
         for columnar in (False, True):
             for chunk in (batch, None):
                 name = f"{'columns' if columnar else 'rows'}_{'all' if chunk is None else chunk}_per_insert"
                 raw_client = connect(f"chdb://{work / 'chdb'}", f"bench_raw_{len(raw)}")
                 migrations.apply(raw_client)
-                seconds = bench_raw(raw_client, messages, chunk, columnar)
+                seconds, cpu_s = bench_raw(raw_client, messages, chunk, columnar)
                 raw[name] = round(n / seconds)
+                raw_cpu[name] = cpu_s
                 progress("raw", variant=name, seconds=round(seconds, 2))
 
+        split = stage_split(messages, batch, f"chdb://{work / 'chdb'}") if args.split else None
+        if split is not None:
+            split["consume"] = round(consume_cpu_s / n * 1e6, 2)
+            progress("split", **split)
         rate, raw_best = n / sink_s, max(raw.values())
+        raw_cpu_best = min(raw_cpu.values())
         counts = {t: sum(1 for m in messages if m[0] == t) for t, _ in MIX}
         print(
             orjson.dumps(
@@ -370,7 +437,12 @@ def main() -> None:
                     "raw": raw,
                     "consume_only_msgs_per_s": round(n / consume_s),
                     "sink_seconds": round(sink_s, 2),
+                    "sink_cpu_us_per_msg": round(sink_cpu_s / n * 1e6, 2),
+                    "raw_insert_cpu_us_per_row": round(raw_cpu_best / n * 1e6, 2),
+                    "consume_only_cpu_us_per_msg": round(consume_cpu_s / n * 1e6, 2),
+                    "cpu_ratio": round(raw_cpu_best / sink_cpu_s, 3),
                     "distinct_rows_in_clickhouse": landed,
+                    **({"cpu_us_per_msg_by_stage": split} if split is not None else {}),
                     "sink_stats": {k: stats[k] for k in ("batches", "messages", "rows", "dead_letters", "slow_path")},
                     "redaction": redact.current() is not None,
                     "broker": "RLFEED_KAFKA_URL" if url else "embedded noida-db",

@@ -111,3 +111,49 @@ def test_a_row_function_needing_the_pydantic_model_falls_back_to_it(monkeypatch:
     batch = sink._poll()
     assert batch is not None and batch.rows["feedback"] == [spec.row(fb)]
     assert sink.stats.slow_path == 1 and not producer.produced
+
+
+class _Described:
+    column_types = ("String",)
+
+
+class _RecordingClient:
+    """Records inserts; answers the column-type lookup (counted)."""
+
+    def __init__(self) -> None:
+        self.described: list[str] = []
+        self.inserts: list[tuple[str, list, object]] = []
+
+    def create_insert_context(self, table: str, columns) -> _Described:
+        self.described.append(table)
+        return _Described()
+
+    def insert(self, table: str, data, column_names, column_types=None, column_oriented=False) -> None:
+        assert column_oriented
+        self.inserts.append((table, data, column_types))
+
+
+class _InsertOnly:
+    """A wrapper offering only `insert` (as some tests' flaky clients do)."""
+
+    def __init__(self) -> None:
+        self.types: list[object] = []
+
+    def insert(self, table: str, data, column_names, column_types=None, column_oriented=False) -> None:
+        self.types.append(column_types)
+
+
+def test_insert_asks_the_column_types_once_per_table_and_inserts_columns() -> None:
+    sink, _ = _sink([])
+    sink._column_types = {}
+    sink.client = client = _RecordingClient()
+    rows = {"forget_requests": [("e1", 1, "t", "u1", "x"), ("e2", 2, "t", "u2", "y")]}
+    assert sink._insert(rows, None) and sink._insert(rows, None)
+    assert client.described == ["forget_requests"]
+    assert [i[2] for i in client.inserts] == [("String",), ("String",)]
+    assert client.inserts[0][1] == [("e1", "e2"), (1, 2), ("t", "t"), ("u1", "u2"), ("x", "y")]
+    assert sink.stats.rows["forget_requests"] == 4
+
+    sink._column_types = {}
+    sink.client = bare = _InsertOnly()
+    assert sink._insert(rows, None) and bare.types == [None]

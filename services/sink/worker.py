@@ -2,8 +2,8 @@
 
 Ordering, per batch (the only place it is written down):
   1. Poll up to `sink_batch_max_events` messages, waiting at most `sink_batch_max_wait_s`.
-  2. Decode each against the contract (`schemas.fast.fast_decoder`, msgspec; anything it does
-     not accept goes to `codec.decode`, the reference). An invalid message becomes a dead
+  2. Decode each against the contract (`schemas.fast.counted_batch_decoder`, msgspec; anything
+     it does not accept goes to `codec.decode`, the reference). An invalid message becomes a dead
      letter with the original bytes, the field named and a deterministic event id. It is
      produced to dlq.v1 (and so reaches the dead_letters table when the sink reads dlq.v1
      back); an invalid message *on* dlq.v1 goes straight into dead_letters, so nothing
@@ -27,21 +27,24 @@ after its own insert succeeded. `run_once` does one batch without overlap.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
+import typing
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from clickhouse_connect.datatypes.base import ClickHouseType
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import Event
-from schemas.fast import DecodeError, fast_decoder
+from schemas.fast import DecodeError, counted_batch_decoder, counted_decoder, fast_decoder
 from schemas.topics import DLQ, PUBLIC_TOPICS, Topic, topic_for_name
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
@@ -51,6 +54,33 @@ from services.sink.settings import SinkSettings
 
 log = logging.getLogger("rlfeed.sink")
 REJECTED_BY = "sink"
+
+_gc_lock = threading.Lock()
+_gc_holders = [0]
+
+
+@contextlib.contextmanager
+def gc_paused() -> typing.Iterator[None]:
+    """No cyclic garbage collection while the body runs (in any thread).
+
+    Decoding a batch allocates a few container objects per message (row tuples, lists)
+    and keeps them until the insert: the collector, run every 700 allocations, then
+    walks the whole growing batch again and again, which cost more CPU than the decoding
+    itself. Nothing the sink builds has a reference cycle, so nothing is missed; the
+    collector runs as usual between batches. Threads nest (the decoding thread and the
+    insert thread overlap); a collector that was off already stays off."""
+    with _gc_lock:
+        if _gc_holders[0] == 0:
+            _gc_holders.append(gc.isenabled())
+            gc.disable()
+        _gc_holders[0] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holders[0] -= 1
+            if _gc_holders[0] == 0 and _gc_holders.pop():
+                gc.enable()
 
 
 @dataclass(frozen=True)
@@ -62,6 +92,8 @@ class _Route:
     spec: TableSpec
     fast: Callable[[bytes], Any] | None
     """The derived msgspec decoder (None: this model is validated by pydantic only)."""
+    batch: Callable[[list[bytes]], list[Any]] | None
+    """The same for a batch of values: a struct per value, None where it refuses one."""
 
 
 @dataclass
@@ -103,6 +135,18 @@ class SinkStats:
         }
 
 
+def _one_by_one(decode: Callable[[bytes], Any]) -> Callable[[list[bytes]], list[Any]]:
+    """A batch decoder from a single-value one (None where it refuses a value)."""
+
+    def one(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except DecodeError:
+            return None
+
+    return lambda values: [one(raw) for raw in values]
+
+
 class Sink:
     """One sink consumer. `run(stop)` loops until `stop` is set; `run_once()` does one batch."""
 
@@ -117,6 +161,7 @@ class Sink:
         self.producer = Producer({**producer_config(bootstrap, settings), "acks": "all", "linger.ms": 5})
         self._routes: dict[str, _Route] = {}
         self._specs: dict[str, TableSpec] = {spec.table: spec for spec in SPECS.values()}
+        self._column_types: dict[str, Sequence[ClickHouseType]] = {}
 
     def _new_consumer(self) -> Consumer:
         """A consumer in the sink's group, subscribed to every public topic."""
@@ -185,33 +230,65 @@ class Sink:
     def _poll(self) -> _Batch | None:
         """Steps 1-2: one batch of messages, decoded into rows (None when there were none)."""
         messages = self.consumer.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
-        rows: dict[str, list[tuple]] = defaultdict(list)
-        offsets: dict[tuple[str, int], int] = {}
-        routes = self._routes
-        count = 0
-        # The hot path: one msgspec decode per message (validating while it parses), one
-        # tuple per row; whatever the fast decoder refuses goes to the reference decoder.
+        if not messages:
+            return None
+        with gc_paused():
+            return self._decode(messages)
+
+    def _decode(self, messages: list[Message]) -> _Batch | None:
+        """Step 2: rows per table and offsets per partition of the batch's messages.
+
+        The hot path, per topic: one list of values, one msgspec decode per message
+        (validating while it parses; ids checked once for the batch,
+        `schemas.fast.counted_batch_decoder`) and one tuple per row, in list
+        comprehensions; what the fast decoder refuses goes to the reference decoder,
+        message by message."""
+        groups: dict[str, list[Message]] = {}
         for msg in messages:
             if msg.error() is not None:
                 self._ok(msg)
                 continue
             name = msg.topic()
+            group = groups.get(name)
+            if group is None:
+                group = groups[name] = []
+            group.append(msg)
+        rows: dict[str, list[tuple]] = defaultdict(list)
+        offsets: dict[tuple[str, int], int] = {}
+        routes = self._routes
+        count = 0
+        for name, group in groups.items():
             route = routes.get(name) or self._add_route(name)
-            raw = msg.value() or b""
-            try:
-                if route.fast is None or len(raw) > MAX_MESSAGE_BYTES:
-                    raise ValueError("slow path")
-                row = route.spec.row(route.fast(raw))
-            except DecodeError:  # AttributeError among them: a row function using
-                # something only the pydantic model has (a property, a method)
-                ev = self._decode_or_reject(msg, route, raw, rows)
-                row = None if ev is None else route.spec.row(ev)
-            if row is not None:
-                rows[route.spec.table].append(row)
+            values = [msg.value() or b"" for msg in group]
+            table = rows[route.spec.table]
+            table.extend(self._rows(route, group, values))
             # Messages of one partition arrive in offset order: the last one is the highest.
-            offsets[(name, msg.partition())] = msg.offset()
-            count += 1
+            offsets.update({(name, msg.partition()): msg.offset() for msg in group})
+            count += len(group)
         return _Batch(rows, offsets, count) if count else None
+
+    def _rows(self, route: _Route, group: list[Message], values: list[bytes]) -> list[tuple]:
+        """The rows of one topic's messages (dead-lettering the invalid ones)."""
+        row = route.spec.row
+        decoded: list[Any] = [None] * len(values)
+        if route.batch is not None and max(map(len, values)) <= MAX_MESSAGE_BYTES:
+            decoded = route.batch(values)
+            if None not in decoded:
+                try:
+                    return [row(ev) for ev in decoded]
+                except DecodeError:  # AttributeError among them: a row function using
+                    pass  # something only the pydantic model has (a property, a method)
+        out: list[tuple] = []
+        for msg, raw, struct in zip(group, values, decoded, strict=True):
+            try:
+                if struct is None:
+                    raise ValueError("slow path")
+                out.append(row(struct))
+            except DecodeError:
+                ev = self._decode_or_reject(msg, route, raw, out)
+                if ev is not None:
+                    out.append(row(ev))
+        return out
 
     def _store(self, batch: _Batch, stop: threading.Event) -> bool:
         """Steps 3-5 on the insert thread: insert, then flush and commit at once (False:
@@ -237,7 +314,9 @@ class Sink:
 
     def _add_route(self, full_name: str) -> _Route:
         topic = topic_for_name(full_name, self.prefix)
-        route = _Route(topic, topic.event, SPECS[topic.name], fast_decoder(topic.event))
+        fast = counted_decoder(topic.event) or fast_decoder(topic.event)
+        batch = counted_batch_decoder(topic.event) or (None if fast is None else _one_by_one(fast))
+        route = _Route(topic, topic.event, SPECS[topic.name], fast, batch)
         self._routes[full_name] = route
         return route
 
@@ -251,8 +330,9 @@ class Sink:
             event(log, "consume_error", logging.WARNING, error=str(err))
         return False
 
-    def _decode_or_reject(self, msg: Message, route: _Route, raw: bytes, rows: dict[str, list[tuple]]) -> Event | None:
-        """The slow path: `codec.decode` (the reference), dead-lettering what it rejects."""
+    def _decode_or_reject(self, msg: Message, route: _Route, raw: bytes, rows: list[tuple]) -> Event | None:
+        """The slow path: `codec.decode` (the reference), dead-lettering what it rejects
+        (an invalid message on dlq.v1 itself: its letter's row goes into `rows`)."""
         topic = route.topic
         self.stats.slow_path += 1
         try:
@@ -269,7 +349,7 @@ class Sink:
             self.stats.dead_letters += 1
             event(log, "dead_letter", logging.WARNING, topic=msg.topic(), offset=msg.offset(), reason=letter.reason)
             if topic is DLQ:
-                rows[route.spec.table].append(route.spec.row(letter))
+                rows.append(route.spec.row(letter))
             else:
                 self.producer.produce(DLQ.full_name(self.prefix), encode(letter), key_of(letter, DLQ.key))
             return None
@@ -280,13 +360,13 @@ class Sink:
         while pending:
             table, batch = next(iter(pending.items()))
             try:
-                spec = self._specs[table]
-                columns = list(zip(*batch, strict=True))
-                self.client.insert(table, columns, column_names=spec.columns, column_oriented=True)
+                with gc_paused():
+                    self._insert_table(table, batch)
                 self.stats.rows[table] += len(batch)
                 del pending[table]
                 backoff = self.settings.sink_retry_initial_s
             except Exception as exc:  # ClickHouse down or refusing: retry, never drop
+                self._column_types.pop(table, None)  # the table may have changed: ask again
                 self.stats.insert_failures += 1
                 event(
                     log,
@@ -303,3 +383,14 @@ class Sink:
                     time.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.sink_retry_max_s)
         return True
+
+    def _insert_table(self, table: str, batch: list[tuple]) -> None:
+        """One column-oriented insert of a table's rows. The column types are asked once
+        per table (clickhouse-connect otherwise runs DESCRIBE TABLE before every insert)."""
+        spec = self._specs[table]
+        types = self._column_types.get(table)
+        describe = getattr(self.client, "create_insert_context", None)  # absent from a mere wrapper
+        if types is None and describe is not None:
+            types = self._column_types[table] = describe(table, spec.columns).column_types
+        columns = list(zip(*batch, strict=True))
+        self.client.insert(table, columns, column_names=spec.columns, column_types=types, column_oriented=True)
