@@ -404,6 +404,16 @@ def _number_array(tp: Any) -> bool:
     return item in (int, float)
 
 
+def _redeclared(f: Any, tp: Any) -> tuple[Any, ...]:
+    """A msgspec struct field spec for `defstruct`: field `f` of a derived struct, typed `tp`
+    (the same default or default factory)."""
+    if f.required:
+        return (f.name, tp)
+    if f.default_factory is not msgspec.NODEFAULT:
+        return (f.name, tp, msgspec.field(default_factory=f.default_factory))
+    return (f.name, tp, f.default)
+
+
 def spliced_struct_of(model: type[BaseModel]) -> type:
     """`struct_of(model)` with every top-level array of numbers (token ids, logprobs)
     held as a `JsonArray` instead of a list.
@@ -424,12 +434,7 @@ def spliced_struct_of(model: type[BaseModel]) -> type:
         if _number_array(tp):
             arrays.append((f.name, msgspec.json.Decoder(tp).decode))
             tp = msgspec.Raw
-        if f.required:
-            fields.append((f.name, tp))
-        elif f.default_factory is not msgspec.NODEFAULT:
-            fields.append((f.name, tp, msgspec.field(default_factory=f.default_factory)))
-        else:
-            fields.append((f.name, tp, f.default))
+        fields.append(_redeclared(f, tp))
     base_post_init = getattr(base, "__post_init__", None)
 
     def __post_init__(self: Any) -> None:
@@ -616,12 +621,7 @@ def counted_struct_of(model: type[BaseModel], strings: bool = True) -> type:
         if bounds is not None:
             counted.append((f.name, *bounds))
             tp = msgspec.Raw
-        if f.required:
-            fields.append((f.name, tp))
-        elif f.default_factory is not msgspec.NODEFAULT:
-            fields.append((f.name, tp, msgspec.field(default_factory=f.default_factory)))
-        else:
-            fields.append((f.name, tp, f.default))
+        fields.append(_redeclared(f, tp))
     groups = _string_groups(model)
     checks = [_count_checks(counted)] if counted else []
     if strings:
