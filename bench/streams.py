@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -301,13 +302,15 @@ def main() -> None:
     args = parser.parse_args()
 
     broker = None
+    broker_dir: Path | None = None
     url = os.environ.get("RLFEED_KAFKA_URL")
     if url:
         bootstrap = bootstrap_servers(url)
     else:
         from services.kafka.embedded import EmbeddedBroker
 
-        broker = EmbeddedBroker(Path(tempfile.mkdtemp(prefix="rlfeed-bench-"))).start()
+        broker_dir = Path(tempfile.mkdtemp(prefix="rlfeed-bench-"))
+        broker = EmbeddedBroker(broker_dir).start()
         bootstrap = broker.bootstrap
     try:
         encoded = encode_all(make_events(args.events))  # the pydantic objects go here
@@ -361,6 +364,8 @@ def main() -> None:
     finally:
         if broker is not None:
             broker.stop()
+        if broker_dir is not None:
+            shutil.rmtree(broker_dir, ignore_errors=True)  # the broker's log: ~0.5 GB per run
 
 
 if __name__ == "__main__":
