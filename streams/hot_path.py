@@ -17,7 +17,8 @@ The order of one batch, and why a crash anywhere in it loses nothing:
 5. Flush the changelog records.
 6. Commit the batch's offsets (synchronously). A failed commit (the group moved on, e.g.
    after a broker restart) is logged and counted, not fatal: 2-5 are done, so the batch is
-   redelivered and replayed like after a crash.
+   redelivered and replayed like after a crash. A consumer that reports a fatal error
+   (a static member fenced after a broker restart) is replaced the same way.
 
 A crash before 6 replays the batch from the last committed offsets on the next owner,
 over the state restored from the changelog. Samples are deterministic (same sample id
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -49,6 +51,7 @@ from mode import Service
 from schemas.codec import MAX_MESSAGE_BYTES
 from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, PREFERENCES, SAMPLES
 from services import logs
+from services.kafka.errors import is_fatal
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.preferences.mining import PairState
@@ -176,7 +179,8 @@ class HotPath:
         }
         if settings.group_instance_id:
             consumer_config["group.instance.id"] = settings.group_instance_id
-        self.consumer = Consumer(consumer_config)
+        self._consumer_config = consumer_config
+        self.consumer = self._new_consumer()
         self.producer = Producer(
             {
                 **producer_config(bootstrap, settings),
@@ -189,9 +193,27 @@ class HotPath:
                 "on_delivery": self._on_delivery,
             }
         )
-        self.consumer.subscribe(
+
+    def _new_consumer(self) -> Consumer:
+        """A consumer in the worker's group, subscribed to generations and feedback."""
+        consumer = Consumer(self._consumer_config)
+        consumer.subscribe(
             [self.gen_topic, self.fb_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        return consumer
+
+    def _renew_consumer(self, err: KafkaError) -> None:
+        """Replace a consumer that hit a fatal error (e.g. a static member fenced after a
+        broker restart), as after a kill -9: its partitions' state is dropped and restored
+        from the changelog when they are assigned again, and what it had not committed is
+        redelivered (the same sample ids, dropped downstream as duplicates)."""
+        logs.event(log, "streams.consumer_renewed", level=logging.WARNING, error=str(err))
+        self.producer.flush(self.settings.flush_timeout_s)
+        with contextlib.suppress(Exception):
+            self.consumer.close()
+        self.states.clear()
+        self.stats["consumer_renewals"] += 1
+        self.consumer = self._new_consumer()
 
     # --- rebalance callbacks (they run inside consume(), between batches) ---
 
@@ -244,8 +266,9 @@ class HotPath:
         gen_topic = self.gen_topic
         for m in msgs:
             if m.error() is not None:
-                if m.error().fatal():
-                    raise KafkaException(m.error())
+                if is_fatal(m.error()):
+                    self._renew_consumer(m.error())
+                    return 0  # nothing of this batch is processed or committed: redelivered
                 logs.event(log, "streams.consume_error", level=logging.WARNING, error=str(m.error()))
                 continue
             topic, p, offset = m.topic(), m.partition(), m.offset()

@@ -215,3 +215,41 @@ def test_run_stopped_during_an_outage_commits_nothing_and_the_next_sink_delivers
         runner.join(60)
         again.close()
     assert _count(clickhouse, "feedback") == 1
+
+
+def test_a_fenced_sink_replaces_its_consumer_and_lands_what_comes_after(
+    kafka_bootstrap: str, topic_prefix: str, clickhouse
+) -> None:
+    """A second member with the sink's static id fences it (as after a broker restart):
+    librdkafka hands `consume()` a `_FATAL` error without the fatal flag, and the sink must
+    still see it as fatal, replace its consumer, and land the events that follow."""
+    gens = GENERATIONS.full_name(topic_prefix)
+    settings = _settings(topic_prefix, sink_group_instance_id=f"static-{uuid.uuid4().hex[:6]}")
+    sink = Sink(settings, kafka_bootstrap, clickhouse)
+    stop = threading.Event()
+    runner = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+    runner.start()
+    try:
+        _produce(kafka_bootstrap, [(gens, b"f-0", encode(generation("f-0")))])
+        _wait(lambda: _count(clickhouse, "generations", "generation_id = 'f-0'") == 1, "the first event landed")
+        intruder = Consumer(
+            {
+                **producer_config(kafka_bootstrap),
+                "group.id": f"{topic_prefix}{settings.sink_group_id}",
+                "group.instance.id": settings.sink_group_instance_id,
+                "session.timeout.ms": 6000,
+            }
+        )
+        intruder.subscribe([t.full_name(topic_prefix) for t in PUBLIC_TOPICS])
+        intruder.consume(10, 3.0)
+        intruder.close()  # leaves the group: the sink's new consumer takes every partition
+        _wait(lambda: sink.stats.consumer_renewals >= 1, "the fenced consumer replaced")
+        _produce(kafka_bootstrap, [(gens, f"f-{i}".encode(), encode(generation(f"f-{i}"))) for i in range(1, 6)])
+        _wait(
+            lambda: _count(clickhouse, "generations", "startsWith(generation_id, 'f-')") == 6,
+            "the events after the fence landed",
+        )
+    finally:
+        stop.set()
+        runner.join(30)
+        sink.close()

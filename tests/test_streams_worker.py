@@ -389,6 +389,42 @@ def test_kill_9_and_restart(kafka_bootstrap: str, topic_prefix: str, tmp_path: P
         reader.close()
 
 
+def test_a_fenced_worker_replaces_its_consumer_and_keeps_joining(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A second member with the worker's static id fences it (as after a broker restart):
+    `consume()` gets a `_FATAL` error without the fatal flag; the worker must replace its
+    consumer (state restored from the changelog) and join what comes after, not poll a dead
+    consumer forever."""
+    prefix, group = topic_prefix, f"g-{uuid.uuid4().hex[:8]}"
+    static = {**SCENARIO_ENV, "RLFEED_GROUP_INSTANCE_ID": f"static-{uuid.uuid4().hex[:6]}"}
+    reader = reader_for(kafka_bootstrap, prefix)
+    worker = Worker(kafka_bootstrap, prefix, group, tmp_path / "w.log", **static)
+    try:
+        worker.wait_log("streams.assigned", lambda r: len(r["partitions"]) == JOIN_PARTITIONS)
+        produce(kafka_bootstrap, prefix, [gen("fence-0"), fb("fa-0", "fence-0", "accept")])
+        reader.wait(lambda: "fence-0" in samples_by_gen(reader, prefix), what="the first sample")
+        intruder = Consumer(
+            {
+                "bootstrap.servers": kafka_bootstrap,
+                "group.id": group,
+                "group.instance.id": static["RLFEED_GROUP_INSTANCE_ID"],
+                "partition.assignment.strategy": "range",
+                "session.timeout.ms": 6000,
+            }
+        )
+        intruder.subscribe([GENERATIONS.full_name(prefix), FEEDBACK.full_name(prefix)])
+        intruder.consume(10, 3.0)
+        intruder.close()
+        worker.wait_log("streams.consumer_renewed")
+        produce(kafka_bootstrap, prefix, [gen("fence-1"), fb("fa-1", "fence-1", "accept")])
+        reader.wait(lambda: "fence-1" in samples_by_gen(reader, prefix), what="a sample after the fence")
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+        reader.close()
+
+
 def test_prefetch_config_bounds_librdkafkas_queue_by_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     from streams.hot_path import prefetch_config
     from streams.settings import StreamsSettings

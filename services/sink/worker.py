@@ -46,6 +46,7 @@ from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, 
 from schemas.events import Event
 from schemas.fast import DecodeError, counted_batch_decoder, counted_decoder, fast_decoder
 from schemas.topics import DLQ, PUBLIC_TOPICS, Topic, topic_for_name
+from services.kafka.errors import is_fatal
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.logs import event
@@ -324,7 +325,7 @@ class Sink:
         err = msg.error()
         if err is None:
             return True
-        if err.fatal():
+        if is_fatal(err):
             self._fatal = True
         if err.code() != KafkaError._PARTITION_EOF:
             event(log, "consume_error", logging.WARNING, error=str(err))
