@@ -414,6 +414,26 @@ def _redeclared(f: Any, tp: Any) -> tuple[Any, ...]:
     return (f.name, tp, f.default)
 
 
+def _derived_struct(
+    name: str,
+    model: type[BaseModel],
+    base: type,
+    fields: list[tuple[Any, ...]],
+    post_init: Callable[[Any], None] | None,
+) -> type:
+    """A struct like `base` (`struct_of(model)`) with retyped `fields`, the model's properties
+    and `post_init` (not GC-tracked: no cycles)."""
+    namespace = {**_properties(model), **({"__post_init__": post_init} if post_init is not None else {})}
+    return msgspec.defstruct(
+        name,
+        fields,
+        kw_only=True,
+        forbid_unknown_fields=base.__struct_config__.forbid_unknown_fields,
+        namespace=namespace,
+        gc=False,
+    )
+
+
 def spliced_struct_of(model: type[BaseModel]) -> type:
     """`struct_of(model)` with every top-level array of numbers (token ids, logprobs)
     held as a `JsonArray` instead of a list.
@@ -450,15 +470,7 @@ def spliced_struct_of(model: type[BaseModel]) -> type:
         for name, raw, length, decode_array in raws:
             setattr(self, name, JsonArray(raw, length, decode_array))
 
-    cfg = base.__struct_config__
-    struct = msgspec.defstruct(
-        f"Spliced{model.__name__}",
-        fields,
-        kw_only=True,
-        forbid_unknown_fields=cfg.forbid_unknown_fields,
-        namespace={**_properties(model), "__post_init__": __post_init__},
-        gc=False,
-    )
+    struct = _derived_struct(f"Spliced{model.__name__}", model, base, fields, __post_init__)
     _SPLICED[model] = struct
     return struct
 
@@ -627,15 +639,7 @@ def counted_struct_of(model: type[BaseModel], strings: bool = True) -> type:
     if strings:
         checks += [_strings_check(c, scalars, lists) for c, (scalars, lists) in groups.items()]
     checks += [_with_plain_enums(d.func) for d in model.__pydantic_decorators__.model_validators.values()]
-    cfg = base.__struct_config__
-    struct = msgspec.defstruct(
-        f"Counted{model.__name__}",
-        fields,
-        kw_only=True,
-        forbid_unknown_fields=cfg.forbid_unknown_fields,
-        namespace={**_properties(model), **({"__post_init__": _post_init(checks)} if checks else {})},
-        gc=False,
-    )
+    struct = _derived_struct(f"Counted{model.__name__}", model, base, fields, _post_init(checks) if checks else None)
     _COUNTED[key] = struct
     return struct
 
