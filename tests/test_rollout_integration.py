@@ -26,6 +26,7 @@ from schemas.events import ModelUpdateEvent, SampleEvent, now_ms
 from schemas.topics import MODEL_UPDATES, ROLLOUTS, SAMPLES
 from services.kafka.producers import producer_config
 from services.rollout.control import read_latest
+from services.serving.settings import ServingSettings
 from services.serving.split import Split
 from tests.test_serving_support import wait_for
 from tests.test_streams_worker import Worker
@@ -41,6 +42,44 @@ def _publish(bootstrap: str, prefix: str, events: list) -> None:
         topic = MODEL_UPDATES if isinstance(ev, ModelUpdateEvent) else SAMPLES
         p.produce(topic.full_name(prefix), value=encode(ev), key=key_of(ev, topic.key))
     assert p.flush(30) == 0
+
+
+def _replica_settings(
+    bootstrap: str, prefix: str, model_dir: Path, model: str, tmp_path: Path, store_root: Any, **extra: Any
+) -> ServingSettings:
+    """A rollout-following replica of the tiny model (each test names its replica_id)."""
+    return ServingSettings(
+        kafka_url=f"kafka://{bootstrap}",
+        topic_prefix=prefix,
+        model_dir=model_dir,
+        model_name=model,
+        serving_port=0,
+        home_dir=tmp_path / "home",
+        checkpoint_dir=store_root,
+        rollout_enabled=True,
+        max_batch_size=4,
+        batch_wait_ms=2,
+        default_max_tokens=3,
+        **extra,
+    )
+
+
+def _candidate_everywhere(replicas: list[Any], version: int | None) -> bool:
+    return all(s.replica.engine.candidate_version == version for s in replicas)
+
+
+def _load_candidate(replicas: list[Any], worker: Any, bootstrap: str, prefix: str, update: Any) -> None:
+    """Wait until every replica serves `update`'s version as the candidate; the worker's
+    Faust consumer may join late, so the model update is republished until it does."""
+    deadline = time.monotonic() + 60
+    while not _candidate_everywhere(replicas, update.version):
+        assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+        _publish(bootstrap, prefix, [update])
+        wait_for(
+            lambda: _candidate_everywhere(replicas, update.version) or time.monotonic() > deadline,
+            5,
+            f"candidate {update.version}",
+        )
 
 
 def _consumed(bootstrap: str, group: str, topic: str) -> bool:
@@ -89,7 +128,6 @@ def test_worse_candidate_rolled_back_better_promoted(
 
     from services.checkpoints.store import CheckpointStore
     from services.serving.server import ServerThread
-    from services.serving.settings import ServingSettings
 
     store = CheckpointStore(tmp_path / "checkpoints")
     v0 = load_file(tiny_model_dir / "model.safetensors")
@@ -113,19 +151,7 @@ def test_worse_candidate_rolled_back_better_promoted(
         RLFEED_ROLLOUT_DECIDE_INTERVAL_S="0.3",
         RLFEED_ROLLOUT_REPORT_EVERY_SAMPLES="40",
     )
-    base = ServingSettings(
-        kafka_url=f"kafka://{kafka_bootstrap}",
-        topic_prefix=topic_prefix,
-        model_dir=tiny_model_dir,
-        model_name=MODEL,
-        serving_port=0,
-        home_dir=tmp_path / "home",
-        checkpoint_dir=store.root,
-        rollout_enabled=True,
-        max_batch_size=4,
-        batch_wait_ms=2,
-        default_max_tokens=3,
-    )
+    base = _replica_settings(kafka_bootstrap, topic_prefix, tiny_model_dir, MODEL, tmp_path, store.root)
     rng = random.Random(5)
     rollouts_topic = ROLLOUTS.full_name(topic_prefix)
     results: list[tuple[float, str, int]] = []  # (time, user, version)
@@ -158,15 +184,8 @@ def test_worse_candidate_rolled_back_better_promoted(
                 t.start()
             worker.wait_log("rollout_ready", timeout_s=60)
 
-            def candidate_everywhere(v: int | None) -> bool:
-                return all(s.replica.engine.candidate_version == v for s in replicas)
-
             # --- 1. a worse candidate: on half the users, then rolled back ------------
-            deadline = time.monotonic() + 60
-            while not candidate_everywhere(1):  # the worker's Faust consumer may join late: republish
-                assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
-                _publish(kafka_bootstrap, topic_prefix, [ev1])
-                wait_for(lambda: candidate_everywhere(1) or time.monotonic() > deadline, 5, "candidate 1")
+            _load_candidate(replicas, worker, kafka_bootstrap, topic_prefix, ev1)
             loaded_at = time.monotonic()
             wait_for(lambda: sum(v == 1 for t, _, v in results if t > loaded_at) >= 3, 30, "requests on 1")
             during = [(u, v) for t, u, v in results if t > loaded_at]
@@ -183,12 +202,12 @@ def test_worse_candidate_rolled_back_better_promoted(
             _publish(kafka_bootstrap, topic_prefix, _samples(1, 0.1, 60, rng) + _samples(0, 0.8, 60, rng))
             rolled = worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=30)
             assert rolled["stable_n"] <= 60 and rolled["reason"].startswith("candidate worse"), rolled
-            wait_for(lambda: candidate_everywhere(None), 30, "the rollback to reach both replicas")
+            wait_for(lambda: _candidate_everywhere(replicas, None), 30, "the rollback to reach both replicas")
             assert all(s.replica.engine.version == 0 for s in replicas)
 
             # --- 2. a better candidate: promoted, then served to everyone ---------------
             _publish(kafka_bootstrap, topic_prefix, [ev2])
-            wait_for(lambda: candidate_everywhere(2), 30, "candidate 2")
+            wait_for(lambda: _candidate_everywhere(replicas, 2), 30, "candidate 2")
             _publish(kafka_bootstrap, topic_prefix, _samples(2, 0.95, 60, rng) + _samples(0, 0.3, 60, rng))
             worker.wait_log("rollout_decision", lambda r: r["decision"] == "promote", timeout_s=30)
             wait_for(lambda: all(s.replica.engine.version == 2 for s in replicas), 30, "the promotion")
@@ -219,7 +238,6 @@ def test_failing_candidate_rolled_back_by_the_error_guardrail(
     from services.checkpoints.store import CheckpointStore
     from services.serving.engines.transformers import TransformersEngine
     from services.serving.server import ServerThread
-    from services.serving.settings import ServingSettings
 
     model = "canary-failing"
     store = CheckpointStore(tmp_path / "checkpoints")
@@ -249,19 +267,7 @@ def test_failing_candidate_rolled_back_by_the_error_guardrail(
         RLFEED_ROLLOUT_DECIDE_INTERVAL_S="0.3",
         RLFEED_ROLLOUT_MIN_ERRORS="3",
     )
-    base = ServingSettings(
-        kafka_url=f"kafka://{kafka_bootstrap}",
-        topic_prefix=topic_prefix,
-        model_dir=tiny_model_dir,
-        model_name=model,
-        serving_port=0,
-        home_dir=tmp_path / "home",
-        checkpoint_dir=store.root,
-        rollout_enabled=True,
-        max_batch_size=4,
-        batch_wait_ms=2,
-        default_max_tokens=3,
-    )
+    base = _replica_settings(kafka_bootstrap, topic_prefix, tiny_model_dir, model, tmp_path, store.root)
     ok: list[tuple[float, str, int]] = []  # (time, user, version)
     failed: list[tuple[float, str, int]] = []  # (time, user, status)
     stop = threading.Event()
@@ -289,16 +295,9 @@ def test_failing_candidate_rolled_back_by_the_error_guardrail(
                 t.start()
             worker.wait_log("rollout_ready", timeout_s=60)
 
-            def candidate_everywhere(v: int | None) -> bool:
-                return all(s.replica.engine.candidate_version == v for s in replicas)
-
-            deadline = time.monotonic() + 60
-            while not candidate_everywhere(1):  # the worker's Faust consumer may join late: republish
-                assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
-                _publish(kafka_bootstrap, topic_prefix, [ev1])
-                wait_for(lambda: candidate_everywhere(1) or time.monotonic() > deadline, 5, "candidate 1")
+            _load_candidate(replicas, worker, kafka_bootstrap, topic_prefix, ev1)
             rollback = worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=60)
-            wait_for(lambda: candidate_everywhere(None), 30, "the rollback to reach both replicas")
+            wait_for(lambda: _candidate_everywhere(replicas, None), 30, "the rollback to reach both replicas")
             dropped_at = time.monotonic()
             wait_for(lambda: sum(t > dropped_at for t, _, _ in ok) >= 6, 30, "requests after the rollback")
             stop.set()
@@ -359,7 +358,6 @@ def test_slow_candidate_rolled_back_by_the_latency_guardrail(
     from services.rollout.latency import GROWTH
     from services.serving.engines.transformers import TransformersEngine
     from services.serving.server import ServerThread
-    from services.serving.settings import ServingSettings
 
     model = "canary-slow"
     store = CheckpointStore(tmp_path / "checkpoints")
@@ -391,19 +389,8 @@ def test_slow_candidate_rolled_back_by_the_latency_guardrail(
         RLFEED_ROLLOUT_MAX_LATENCY_P95_RATIO="2.0",
         RLFEED_ROLLOUT_LATENCY_P95_SLACK_MS="100",
     )
-    base = ServingSettings(
-        kafka_url=f"kafka://{kafka_bootstrap}",
-        topic_prefix=topic_prefix,
-        model_dir=tiny_model_dir,
-        model_name=model,
-        serving_port=0,
-        home_dir=tmp_path / "home",
-        checkpoint_dir=store.root,
-        rollout_enabled=True,
-        max_batch_size=4,
-        batch_wait_ms=2,
-        default_max_tokens=3,
-        candidate_status_interval_s=0.5,
+    base = _replica_settings(
+        kafka_bootstrap, topic_prefix, tiny_model_dir, model, tmp_path, store.root, candidate_status_interval_s=0.5
     )
     ok: list[tuple[float, float, str, int]] = []  # (sent, answered, user, version)
     errors: list[BaseException] = []
@@ -434,16 +421,9 @@ def test_slow_candidate_rolled_back_by_the_latency_guardrail(
                 t.start()
             worker.wait_log("rollout_ready", timeout_s=60)
 
-            def candidate_everywhere(v: int | None) -> bool:
-                return all(s.replica.engine.candidate_version == v for s in replicas)
-
-            deadline = time.monotonic() + 60
-            while not candidate_everywhere(1):  # the worker's Faust consumer may join late: republish
-                assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
-                _publish(kafka_bootstrap, topic_prefix, [ev1])
-                wait_for(lambda: candidate_everywhere(1) or time.monotonic() > deadline, 5, "candidate 1")
+            _load_candidate(replicas, worker, kafka_bootstrap, topic_prefix, ev1)
             rollback = worker.wait_log("rollout_decision", lambda r: r["decision"] == "rollback", timeout_s=90)
-            wait_for(lambda: candidate_everywhere(None), 30, "the rollback to reach both replicas")
+            wait_for(lambda: _candidate_everywhere(replicas, None), 30, "the rollback to reach both replicas")
             dropped_at = time.monotonic()
             wait_for(lambda: sum(t > dropped_at for t, _, _, _ in ok) >= 6, 30, "requests after the rollback")
             stop.set()
