@@ -521,10 +521,6 @@ def test_logprobs_equal_a_fresh_forward_pass(
     replica: Any, reference_model: Any, kafka_bootstrap: str, module_prefix: str, temperature: float
 ) -> None:
     """Rows decoded together in one vLLM batch report the reference logprobs, in the API and events."""
-    from schemas.events import GenerationEvent
-    from schemas.topics import GENERATIONS
-    from tests.test_serving_support import consume
-
     engine = replica.replica.engine
     rows: list[int] = []
     hook = engine.on_batch
@@ -552,15 +548,7 @@ def test_logprobs_equal_a_fresh_forward_pass(
     assert all(bodies), "a request did not finish"
     assert max(rows) > 1, f"the requests never shared a batch: {rows}"
 
-    gen_ids = {b["generation_id"] for b in bodies}
-    evs = consume(
-        kafka_bootstrap,
-        GENERATIONS.full_name(module_prefix),
-        GenerationEvent,
-        lambda evs: {e.generation_id for e in evs} >= gen_ids,
-        timeout_s=60,
-    )
-    by_id = {e.generation_id: e for e in evs}
+    by_id = _events(kafka_bootstrap, module_prefix, bodies)
     worst = 0.0
     for prompt_ids, body in zip(prompts, bodies, strict=True):
         api = body["choices"][0]["logprobs"]["token_logprobs"]
