@@ -64,6 +64,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from services.logs import records as log_records  # noqa: E402 - after the sys.path fix
+
 FULL_DIR = REPO / ".rlfeed/models/smollm2-135m-instruct"
 TINY_DIR = REPO / ".rlfeed/test-cache/tiny-model"
 TINY_VLLM_DIR = REPO / ".rlfeed/test-cache/tiny-model-vllm"
@@ -88,22 +90,6 @@ def percentiles(xs: Iterable[float], scale: float = 1.0, digits: int = 3) -> dic
         "p99": round(rank(0.99) * scale, digits),
         "max": round(s[-1] * scale, digits),
     }
-
-
-def log_records(text: str) -> list[dict[str, Any]]:
-    """The structured log lines (JSON objects with an `event`) of a replica's output; others skipped."""
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "event" in rec:
-            out.append(rec)
-    return out
 
 
 @dataclass(frozen=True)
@@ -285,7 +271,7 @@ class ReplicaProcess:
 
     def records(self) -> list[dict[str, Any]]:
         try:
-            return log_records(self.log_path.read_text(errors="replace"))
+            return log_records(self.log_path.read_bytes())
         except FileNotFoundError:
             return []
 

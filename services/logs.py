@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 
@@ -45,3 +46,21 @@ def setup(level: str = "info") -> None:
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
     """Log one structured event."""
     logger.log(level, name, extra={"fields": fields})
+
+
+def records(data: bytes, name: str | None = None) -> list[dict[str, Any]]:
+    """The structured log lines in `data` (a log's bytes), oldest first: JSON objects with an
+    `event`, only those named `name` when given; other lines (banners, library output) skipped."""
+    key = None if name is None else name.encode()
+    out = []
+    for line in data.splitlines():
+        line = line.strip()
+        if not line.startswith(b"{") or (key is not None and key not in line):
+            continue
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "event" in rec and (name is None or rec["event"] == name):
+            out.append(rec)
+    return out

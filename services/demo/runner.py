@@ -24,6 +24,7 @@ from schemas.events import FeedbackEvent
 from schemas.topics import FEEDBACK, GENERATIONS, PUBLIC_TOPICS, Topic
 from services.demo.children import Child, base_env, child_env
 from services.demo.settings import DemoSettings
+from services.logs import records as log_records
 from services.simulator.population import Population
 from services.simulator.preference import load as load_preference
 from services.sink.settings import SinkSettings
@@ -181,20 +182,10 @@ def _wait_drained(kafka_url: str, prefix: str, group: str, topics: tuple[Topic, 
 
 
 def _log_lines(path: Path, name: str) -> list[dict]:
-    out = []
     try:
-        lines = path.read_bytes().splitlines()
+        return log_records(path.read_bytes(), name)
     except FileNotFoundError:
-        return out
-    for line in lines:
-        if name.encode() in line:
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if record.get("event") == name:
-                out.append(record)
-    return out
+        return []
 
 
 def _last_log_fields(path: Path, name: str) -> dict | None:

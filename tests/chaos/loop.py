@@ -32,6 +32,7 @@ from schemas.events import FeedbackEvent, GenerationEvent, now_ms
 from schemas.topics import DLQ, JOIN_PARTITIONS, SAMPLES
 from services.demo.children import Child, base_env, child_env
 from services.kafka.embedded import EmbeddedBroker, free_port
+from services.logs import records
 from services.stack import state as stack_state
 
 SCALES = {
@@ -64,16 +65,7 @@ def scale() -> dict:
 
 
 def _log_has(child: Child, name: str, after: int, pred=lambda r: True) -> bool:
-    data = child.log_path.read_bytes()[after:]
-    for line in data.splitlines():
-        if name.encode() in line and line.startswith(b"{"):
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if rec.get("event") == name and pred(rec):
-                return True
-    return False
+    return any(pred(r) for r in records(child.log_path.read_bytes()[after:], name))
 
 
 @dataclass
@@ -588,28 +580,15 @@ def _errors_tail(path: Path, n: int = 3) -> list[str]:
     return out[-n:]
 
 
-def _log_records(path: Path, name: str) -> list[dict]:
-    out = []
-    for line in path.read_bytes().splitlines():
-        if line.startswith(b"{") and name.encode() in line:
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if rec.get("event") == name:
-                out.append(rec)
-    return out
-
-
 def trainer_outcome(log_path: Path) -> dict:
     """Starts, the step each start resumed from, checkpoints and versions published."""
-    started = _log_records(log_path, "trainer_started")
-    stopped = _log_records(log_path, "trainer_stopped")
+    started = records(log_path.read_bytes(), "trainer_started")
+    stopped = records(log_path.read_bytes(), "trainer_stopped")
     return {
         "starts": len(started),
         "resumed_steps": [r.get("step") for r in started[1:]],
-        "resumed_from_checkpoint": len(_log_records(log_path, "resumed")),
-        "checkpoints": len(_log_records(log_path, "checkpoint")),
-        "published": [r.get("version") for r in _log_records(log_path, "published")],
+        "resumed_from_checkpoint": len(records(log_path.read_bytes(), "resumed")),
+        "checkpoints": len(records(log_path.read_bytes(), "checkpoint")),
+        "published": [r.get("version") for r in records(log_path.read_bytes(), "published")],
         "last_stats": stopped[-1] if stopped else None,
     }
