@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
@@ -105,3 +106,56 @@ def test_rollback_republishes_an_earlier_version(tmp_path, tiny_model_dir, kafka
     assert ev.rollback and ev.version == 0 and ev.event_id != store.manifest(MODEL, 0).event_id
     with pytest.raises(Exception, match="not in the store"):
         rollback_event(store, MODEL, 7)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_optimiser_keeps_stepping_while_a_version_is_published(
+    background: bool, tmp_path, tiny_model_dir, kafka_bootstrap, topic_prefix, monkeypatch
+) -> None:
+    """In the background the gate and the store get a copy of the weights while the
+    optimiser takes further steps, and the version holds the weights of the step that made
+    it due; inline, no step runs until the publish is done."""
+    from services.trainer.loop import Trainer
+
+    produce(kafka_bootstrap, SAMPLES.full_name(topic_prefix), make_samples(48))
+    s = trainer_settings(
+        tmp_path,
+        tiny_model_dir,
+        topic_prefix,
+        publish_every_steps=2,
+        publish_in_background=background,
+        checkpoint_every_steps=1000,
+        trainer_batch_wait_s=0.2,
+    )
+    trainer = Trainer(s, kafka_bootstrap)
+    seen: list[tuple[int, int, str]] = []  # per publish: its step, the step count at its end, its weights
+    weights_at: dict[int, str] = {}  # step -> the trainer's weights right after it
+    real_publish, real_step = trainer._gate_and_publish, trainer.step
+
+    def slow_publish(job):
+        deadline = time.monotonic() + (60 if background else 1.0)
+        while trainer.stats["steps"] < job.step + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = real_publish(job)
+        seen.append((job.step, trainer.stats["steps"], delta.weights_sha256(job.weights)))
+        return out
+
+    def step(batch):
+        figures = real_step(batch)
+        weights_at[trainer.meta.step] = delta.weights_sha256(policy.weights(trainer.model))
+        return figures
+
+    monkeypatch.setattr(trainer, "_gate_and_publish", slow_publish)
+    monkeypatch.setattr(trainer, "step", step)
+    trainer.run(idle_exit_s=2.0)
+
+    assert seen, "no publish was attempted"
+    job_step, steps_at_end, published = seen[0]
+    if background:
+        assert steps_at_end >= job_step + 2, seen  # two steps ran while it was published
+    else:
+        assert steps_at_end == job_step, seen  # nothing ran meanwhile
+    # The first version holds exactly the weights of the step that made it due.
+    v1 = trainer.store.manifest(MODEL, 1)
+    assert v1.weights_sha256 == published == weights_at[job_step]
+    assert trainer.meta.published_version == max(trainer.store.versions(MODEL))

@@ -13,8 +13,13 @@ Each step, in this order:
    not forwarded; forward/backward in micro-batches, clip, AdamW step;
 4. record the batch's offsets as consumed (and append it to the step ledger);
 5. checkpoint when due (weights + optimiser + offsets together, atomically);
-6. publish when due: gate -> store (artifact, then manifest) -> model-updates.v1 ->
-   checkpoint (so the new parent version is remembered).
+6. publish when due: the step's weights are copied and handed to the publisher thread,
+   which gates them -> writes the store (artifact, then manifest) -> produces on
+   model-updates.v1, while the optimiser goes on stepping; at the first step boundary
+   after it is done, the new version becomes the parent of the next one and a checkpoint
+   remembers it. A trainer killed in between restarts on the newest stored version (see
+   Start), as if the checkpoint had been written. One publish is in flight at most; a
+   rollback, a stop, or `publish()` waits for it first.
 Between steps: follow a rollback (services.trainer.lineage) by reloading the version now
 served, with a fresh optimiser, and publishing its children from then on.
 
@@ -32,6 +37,8 @@ import os
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -50,6 +57,27 @@ from services.trainer.reader import SampleReader
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishJob:
+    """What the publisher thread gates and publishes: a copy of the weights at a step boundary."""
+
+    weights: dict[str, torch.Tensor]
+    parent_version: int
+    heldout: list[SampleEvent]
+    step: int
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    """A publish attempt's result: the event (None: the gate refused), figures, duration."""
+
+    job: PublishJob
+    event: ModelUpdateEvent | None
+    figures: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def _ids(value: int | list[int] | None) -> set[int]:
@@ -128,8 +156,11 @@ class Trainer:
         self.heldout: deque[SampleEvent] = deque(
             (SampleEvent.model_validate(x) for x in self.meta.heldout), maxlen=s.gate_heldout_samples
         )
+        # Owned by the publisher thread while a publish is in flight (`_publishing`).
         self.parent: torch.nn.Module | None = None  # latest published weights, loaded on first publish
         self.parent_version: int | None = None
+        self.candidate: torch.nn.Module | None = None  # the weights being gated
+        self._publishing: Future[PublishOutcome] | None = None
         self.last_checkpoint_at = time.monotonic()
         self.last_publish_at = time.monotonic()
         self._deferred_logged = False
@@ -150,6 +181,7 @@ class Trainer:
             "ref_rows": 0,
             "ref_rows_skipped": 0,
             "rollbacks_followed": 0,
+            "publish_wait_s": 0.0,
         }
         # 3. rollbacks that happened while the trainer was away, then the stream.
         self.watcher = lineage.UpdateWatcher(s, bootstrap) if s.follow_rollbacks else None
@@ -208,6 +240,7 @@ class Trainer:
                 if max_steps is not None and self.stats["steps"] >= max_steps:
                     break
         finally:
+            self._finish_publish_quietly()
             self.stats["elapsed_s"] = time.monotonic() - started
             self.stats.update({f"reader_{k}": v for k, v in self.reader.timings.items()})
             self.stats.update(latency_figures(self.feedback_to_training_ms, "feedback_to_training_ms"))
@@ -327,6 +360,7 @@ class Trainer:
     # --- checkpoints and publishing ---
     def _maybe_checkpoint_and_publish(self) -> None:
         s, m = self.settings, self.meta
+        self._finish_publish(block=False)
         now = time.monotonic()
         since_ckpt_steps = m.step - getattr(self, "_ckpt_step", -1)
         if since_ckpt_steps > 0 and (
@@ -338,8 +372,8 @@ class Trainer:
             or (s.publish_every_samples and m.samples_since_publish >= s.publish_every_samples)
             or (s.publish_every_s and now - self.last_publish_at >= s.publish_every_s and m.steps_since_publish)
         )
-        if due:
-            self.publish()
+        if due and self._publishing is None and self._start_publish() and not s.publish_in_background:
+            self._finish_publish(block=True)
 
     def checkpoint(self, reason: str) -> Path:
         """Write weights, optimiser and offsets together (see services.trainer.state)."""
@@ -361,101 +395,156 @@ class Trainer:
         )
         return path
 
-    def _ensure_parent(self) -> torch.nn.Module:
-        """The latest published version's weights in a frozen model (delta base, KL parent)."""
+    def _ensure_parent(self, version: int) -> torch.nn.Module:
+        """Published `version`'s weights in a frozen model (delta base, KL parent)."""
         s = self.settings
-        latest = self.meta.published_version
-        if self.parent is None or self.parent_version != latest:
+        if self.parent is None or self.parent_version != version:
             have = None
             if self.parent is not None and self.parent_version is not None:
                 have = (self.parent_version, policy.weights(self.parent))
-            w = self.store.materialize(s.model_name, latest, have=have)
+            w = self.store.materialize(s.model_name, version, have=have)
             if self.parent is None:
                 self.parent = policy.frozen_copy(self.model, w)
             else:
                 policy.load_weights(self.parent, w)
-            self.parent_version = latest
+            self.parent_version = version
         return self.parent
 
     def publish(self) -> ModelUpdateEvent | None:
-        """Gate the current weights; if they pass, publish the next version.
+        """Gate the current weights; if they pass, publish the next version. Waits for
+        the result (and first for a publish already in flight); None when nothing shipped.
 
         With too few held-out samples to judge on, the gate is not run at all (its
         generations cost a CPU minute) and the attempt waits for the next step."""
+        self._finish_publish(block=True)
+        return self._finish_publish(block=True) if self._start_publish() else None
+
+    def _start_publish(self) -> bool:
+        """Hand a copy of the current weights to the publisher thread (False: deferred)."""
         s, m = self.settings, self.meta
         if s.gate_enabled and len(self.heldout) < s.gate_min_heldout:
             if not self._deferred_logged:
                 event(log, "publish_deferred", heldout_samples=len(self.heldout), needed=s.gate_min_heldout)
                 self._deferred_logged = True
-            return None
+            return False
         self._deferred_logged = False
         m.steps_since_publish = 0
         m.samples_since_publish = 0
         self.last_publish_at = time.monotonic()
-        parent = self._ensure_parent()
-        parent_version = self.parent_version
-        assert parent_version is not None
+        job = PublishJob(policy.copy_weights(self.model), m.published_version, list(self.heldout), m.step)
+        done: Future[PublishOutcome] = Future()
+
+        def work() -> None:
+            try:
+                done.set_result(self._gate_and_publish(job))
+            except BaseException as exc:  # handed to the optimiser's thread by `_finish_publish`
+                done.set_exception(exc)
+
+        self._publishing = done
+        threading.Thread(target=work, name="trainer-publish", daemon=True).start()
+        return True
+
+    def _gate_and_publish(self, job: PublishJob) -> PublishOutcome:
+        """The publisher thread: gate `job`'s weights against their parent; if they pass,
+        the store (artifact, then manifest), then model-updates.v1. Touches only the
+        parent and candidate models and the store, never the model being trained."""
+        s = self.settings
+        started = time.monotonic()
+        parent = self._ensure_parent(job.parent_version)
         figures: dict[str, float] = {}
         if s.gate_enabled:
+            if self.candidate is None:
+                self.candidate = policy.frozen_copy(self.model, job.weights)
+            else:
+                policy.load_weights(self.candidate, job.weights)
             result = gate.evaluate(
-                self.model,
+                self.candidate,
                 parent,
-                list(self.heldout),
+                job.heldout,
                 s,
                 pad_id=self.pad_id,
-                generate=gate.sampler(self.model, self.eos_ids, self.pad_id, s),
+                generate=gate.sampler(self.candidate, self.eos_ids, self.pad_id, s),
                 generate_parent=gate.sampler(parent, self.eos_ids, self.pad_id, s),
             )
             figures = result.figures
             if not result.passed:
-                m.counters["gate_refused"] = m.counters.get("gate_refused", 0) + 1
-                event(
-                    log,
-                    "gate_refused",
-                    logging.WARNING,
-                    model=s.model_name,
-                    step=m.step,
-                    parent_version=parent_version,
-                    failures=result.failures,
-                    **figures,
-                )
-                return None
+                return PublishOutcome(job, None, figures, result.failures, time.monotonic() - started)
         # Numbers stay unique after a rollback: the child of version 2 published when the
         # store already holds 5 is 6 (parent 2).
-        version = max(parent_version, self.store.latest_version(s.model_name) or 0) + 1
-        full = version % s.full_snapshot_every_versions == 0
-        weights = policy.copy_weights(self.model)
+        version = max(job.parent_version, self.store.latest_version(s.model_name) or 0) + 1
         ev = self.store.publish(
             s.model_name,
             version,
-            weights,
-            parent_version=parent_version,
-            full=full,
+            job.weights,
+            parent_version=job.parent_version,
+            full=version % s.full_snapshot_every_versions == 0,
             eval_metrics=figures,
             parent_weights=policy.weights(parent),
         )
         self._produce_update(ev)
-        policy.load_weights(parent, weights)
+        policy.load_weights(parent, job.weights)
         self.parent_version = version
-        m.published_version = version
+        return PublishOutcome(job, ev, figures, [], time.monotonic() - started)
+
+    def _finish_publish(self, *, block: bool) -> ModelUpdateEvent | None:
+        """Take the publisher's outcome (waiting for it when `block`): adopt the new
+        version as the next parent, then checkpoint. Re-raises the publisher's error."""
+        pending = self._publishing
+        if pending is None or (not block and not pending.done()):
+            return None
+        t0 = time.monotonic()
+        try:
+            out = pending.result()
+        finally:
+            self._publishing = None
+            self.stats["publish_wait_s"] += time.monotonic() - t0
+        s, m, job = self.settings, self.meta, out.job
+        if out.event is None:
+            m.counters["gate_refused"] = m.counters.get("gate_refused", 0) + 1
+            event(
+                log,
+                "gate_refused",
+                logging.WARNING,
+                model=s.model_name,
+                step=job.step,
+                parent_version=job.parent_version,
+                failures=out.failures,
+                publish_s=round(out.seconds, 3),
+                **out.figures,
+            )
+            return None
+        ev = out.event
+        m.published_version = ev.version
         m.lineage_since_ms = ev.event_time_ms
         m.counters["published"] = m.counters.get("published", 0) + 1
         event(
             log,
             "published",
             model=s.model_name,
-            version=version,
-            parent_version=parent_version,
+            version=ev.version,
+            parent_version=job.parent_version,
             kind=ev.artifact_kind,
             size_bytes=ev.size_bytes,
-            step=m.step,
-            **figures,
+            step=job.step,
+            steps_since=m.step - job.step,
+            publish_s=round(out.seconds, 3),
+            **out.figures,
         )
         self.checkpoint("published")
         return ev
 
+    def _finish_publish_quietly(self) -> None:
+        """On the way out: wait for a publish in flight; its error is logged, not raised
+        (the loop's own error, if any, is the one that propagates)."""
+        try:
+            self._finish_publish(block=True)
+        except Exception as exc:
+            event(log, "publish_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+
     def _follow_rollbacks(self, events: list[ModelUpdateEvent | RolloutEvent]) -> None:
         """Reload the served version when an event abandons the one the trainer builds on."""
+        if events:
+            self._finish_publish(block=True)  # decide on the lineage as it stands once published
         for ev in events:
             chain = lineage.ancestry(self.meta.published_version, self._parent_of)
             target = lineage.rollback_target(ev, self.settings.model_name, chain, self.meta.lineage_since_ms)
@@ -473,6 +562,7 @@ class Trainer:
         abandoned trajectory's moments do not apply), `version` as the parent of the next
         publish; then a checkpoint, so a restart keeps following it."""
         s, m = self.settings, self.meta
+        self._finish_publish(block=True)  # the publisher owns the parent model until then
         abandoned = m.published_version
         weights = self.store.materialize(s.model_name, version)
         policy.load_weights(self.model, weights)

@@ -100,6 +100,9 @@ class TrainerSettings(RlfeedSettings):
     """... or every T seconds (0: off). Production default: every 3 hours."""
     full_snapshot_every_versions: int = Field(10, ge=1)
     """Every K-th version ships as a full snapshot; the others as deltas."""
+    publish_in_background: bool = True
+    """Gate and publish a copy of the weights on a thread of their own while the optimiser
+    keeps stepping; off: the step that made the publish due waits for it."""
 
     # --- eval gate ---
     gate_enabled: bool = True
