@@ -23,7 +23,7 @@ the line's `ts` is when the version became the one served; `/health` polls (ever
 
 - `swap_pause_ms`: p50/p99/max over every swap of both replicas;
 - `weight_load_ms`: update taken -> version served (materialise + check + wait for the running
-  batch + copy), p50/p99/max;
+  batch + copy), p50/p99/max; `materialize_ms` its first part (fetch, delta decode, checksums);
 - `publish_to_serving_s`: produce time -> the `weights_swapped` line's ts, overall and per
   replica; `publish_to_visible_s`: produce time -> the first `/health` poll that shows it;
 - `requests`: total, failed (target 0), how many overlapped a swap window of the replica that
@@ -103,12 +103,20 @@ class Swap:
     """Update taken -> served."""
     pause_ms: float
     """Generation lock held to copy the weights in."""
+    materialize_s: float | None = None
+    """Update taken -> weights reconstructed and verified (fetch, delta decode, checksums)."""
 
 
 def swaps_in(records: Iterable[dict[str, Any]]) -> list[Swap]:
     """The swaps a replica logged, in order."""
     return [
-        Swap(int(r["version"]), float(r["ts"]), float(r["seconds"]), float(r["pause_ms"]))
+        Swap(
+            int(r["version"]),
+            float(r["ts"]),
+            float(r["seconds"]),
+            float(r["pause_ms"]),
+            None if r.get("materialize_s") is None else float(r["materialize_s"]),
+        )
         for r in records
         if r.get("event") == "weights_swapped"
     ]
@@ -157,6 +165,7 @@ def summarise(
         "swaps_logged": {rid: len(per) for rid, per in zip(replica_ids, mine, strict=True)},
         "swap_pause_ms": percentiles((s.pause_ms for s in flat), 1.0),
         "weight_load_ms": percentiles((s.seconds for s in flat), 1000.0, 1),
+        "materialize_ms": percentiles((s.materialize_s for s in flat if s.materialize_s is not None), 1000.0, 1),
         "weight_load_ms_by_version": {
             rid: {str(s.version): round(s.seconds * 1000.0, 1) for s in per}
             for rid, per in zip(replica_ids, mine, strict=True)
@@ -200,15 +209,19 @@ def prometheus_totals(text: str, names: Iterable[str]) -> dict[str, float]:
     return out
 
 
-def perturb(weights: dict[str, Any], seed: int, scale: float) -> dict[str, Any]:
-    """A next 'training step': every float tensor moved by seeded noise of relative size `scale`."""
+def perturb(weights: dict[str, Any], seed: int, lr: float) -> dict[str, Any]:
+    """A next training step shaped like AdamW's: every float element moved by `lr` in a
+    seeded random direction (Adam's update is lr * m / sqrt(v), about lr * sign(gradient)
+    in its first steps), so the deltas compress like real ones (bench/delta.py measures
+    those: fp32 about 4x at one step) rather than like noise."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, t in weights.items():
         if t.is_floating_point():
-            out[k] = t + torch.randn(t.shape, generator=g, dtype=t.dtype) * (scale * float(t.abs().mean()) + 1e-8)
+            direction = torch.randint(0, 2, t.shape, generator=g).to(t.dtype) * 2 - 1
+            out[k] = t + direction * lr
         else:
             out[k] = t.clone()
     return out
@@ -487,7 +500,7 @@ def run_engine(engine: str, bootstrap: str, path: Path, args: argparse.Namespace
         with httpx.Client(timeout=30) as poll:
             for version in range(1, args.versions + 1):
                 time.sleep(args.interval_s)
-                new = perturb(weights, seed=version, scale=args.step_scale)
+                new = perturb(weights, seed=version, lr=args.step_lr)
                 ev = store.publish(MODEL, version, new, parent_version=version - 1, full=False, parent_weights=weights)
                 weights = new
                 delta_bytes.append(ev.size_bytes)
@@ -565,7 +578,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per transformers replica (0: one per core)")
     p.add_argument("--vllm-dtype", default="float32", help="vLLM weight dtype (float32 on CPU: swaps stay bit-exact)")
     p.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="vLLM CPU KV cache per replica, GiB")
-    p.add_argument("--step-scale", type=float, default=1e-3, help="relative size of each version's change")
+    p.add_argument("--step-lr", type=float, default=5e-5, help="every weight moves this much per version")
     p.add_argument("--start-timeout-s", type=float, default=600.0, help="longest wait for a replica to be ready")
     p.add_argument("--swap-timeout-s", type=float, default=120.0, help="longest wait for one version")
     args = p.parse_args()

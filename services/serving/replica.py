@@ -310,6 +310,7 @@ class Replica:
             weights = self.store.materialize(
                 self.settings.model_name, version, have=(current, self.engine.state_dict())
             )
+            materialized_s = time.monotonic() - started
             self.engine.swap_weights(version, weights)
         except Exception as exc:
             self.last_error = f"version {version} not loaded, still serving {current}: {type(exc).__name__}: {exc}"
@@ -332,6 +333,7 @@ class Replica:
             previous=current,
             rollback=rollback,
             seconds=round(seconds, 3),
+            materialize_s=round(materialized_s, 3),
             pause_ms=round(self._last_pause_s * 1000, 3),
         )
         self.report()
