@@ -12,7 +12,11 @@ snapshot (version 0). The modes:
   optimiser thread trains (each with `--threads` intra-op threads: 2x the threads);
 * `synchronous_2x_threads`: the synchronous loop with 2x `--threads` intra-op threads, the
   same core budget as `pipelined` (the fair baseline on a machine with that many cores);
-* `pipelined_bf16` (with `--bf16`): `pipelined` under bf16 autocast, to measure it on CPU.
+* `pipelined_bf16` (with `--bf16`): `pipelined` under bf16 autocast, to measure it on CPU;
+* `pipelined_publish_inline` and `pipelined_publish_background` (with
+  `--publish-every-steps N`): `pipelined` with one sample in 8 held out and a gated
+  publish every N steps, on the optimiser's thread (it waits: `publish_wait_s`) or on the
+  publisher thread (`publish_in_background`, the default) while the optimiser steps on.
 
 Per mode, `stages_s` is the pipeline stage's time by part (`consume`: the Kafka client,
 `decode`: decoding and routing, `collate`: padding, `prepare`: the reference's forward),
@@ -25,6 +29,7 @@ figure to read `pipelined_vs_sync_samples_per_s` against (a CPU-bound overlap on
 cores cannot do better, and does worse when the cores are shared).
 
     .venv/bin/python bench/trainer.py [--samples 384] [--model-dir DIR] [--threads 1] [--bf16]
+        [--publish-every-steps N]
 
 Uses RLFEED_KAFKA_URL when set, else starts an embedded broker. Default model: the tiny
 random Llama of the tests (real tokenizer, 49k vocabulary); `--model-dir` takes any HF
@@ -132,6 +137,9 @@ def run_once(settings, bootstrap: str) -> tuple[dict[str, float], object]:
         "optimiser_busy_frac": round(stats["step_s"] / active, 3) if active else 0.0,
         "steps_per_s": round(stats["steps"] / active, 3),
         "samples_per_s": round(stats["samples"] / active, 2),
+        "publish_wait_s": round(stats["publish_wait_s"], 3),
+        "published": stats.get("published", 0),
+        "gate_refused": stats.get("gate_refused", 0),
     }, trainer
 
 
@@ -148,6 +156,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true", help="also run the pipelined loop under bf16 autocast")
     ap.add_argument("--no-2x", action="store_true", help="skip the synchronous_2x_threads mode")
+    ap.add_argument(
+        "--publish-every-steps",
+        type=int,
+        default=0,
+        help="also run pipelined with gated publishing every N steps, inline and in the background",
+    )
     args = ap.parse_args()
 
     import logging
@@ -188,7 +202,10 @@ def main() -> None:
         trainers = {}
         modes = ["synchronous", "pipelined"] + ([] if args.no_2x else ["synchronous_2x_threads"])
         modes += ["pipelined_bf16"] if args.bf16 else []
+        publishing = ["pipelined_publish_inline", "pipelined_publish_background"]
+        modes += publishing if args.publish_every_steps else []
         for mode in modes:
+            publish = mode in publishing
             settings = TrainerSettings(
                 _env_file=None,
                 home_dir=work / mode,
@@ -203,12 +220,15 @@ def main() -> None:
                 trainer_batch_size=args.batch_size,
                 trainer_micro_batch_size=args.batch_size,
                 trainer_batch_wait_s=1.0,
-                heldout_every=10**9,
+                heldout_every=8 if publish else 10**9,
                 trainer_torch_threads=args.threads * (2 if mode.endswith("2x_threads") else 1),
                 checkpoint_every_steps=10**9,
                 checkpoint_every_s=10**9,
                 publish_every_s=0,
-                gate_enabled=False,
+                publish_every_steps=args.publish_every_steps if publish else 0,
+                publish_in_background=mode.endswith("background"),
+                gate_enabled=publish,
+                gate_min_heldout=2,
                 lr=5e-5,
                 kl_coef=0.05,
             )
