@@ -16,7 +16,8 @@ small step). Every delta is applied again and checked bit for bit against the we
 encodes. Prints one JSON object: per dtype and delta the compression ratio (full
 snapshot bytes / delta bytes), the modes chosen per tensor, the fraction of changed
 elements, and encode/decode throughput in GB/s of full state-dict bytes (encode computes
-both checksums; decode verifies both, as `CheckpointStore` does). Next to each ratio,
+both checksums; decode verifies both, as `CheckpointStore` does), with the CPU seconds
+of each (all threads; the figure to compare on a shared machine). Next to each ratio,
 `entropy_bound_ratio`: full bytes over the empirical entropy of the change under the
 codec's own model (which elements changed: coin flips per exponent class of the base;
 the changed elements' differences: i.i.d. per class), split into positions and values.
@@ -32,7 +33,8 @@ What the trainer publishes today is the fp32 row: it trains and publishes fp32 w
 (`services.trainer.policy.load`), so the bf16 rows describe a bf16 publish of fp32
 master weights, which the trainer does not do (yet).
 
-    .venv/bin/python bench/delta.py [--model-dir DIR] [--threads 1] [--snapshots DIR] [--small-lr 1e-6]
+    .venv/bin/python bench/delta.py [--model-dir DIR] [--threads 1] [--decode-threads 1]
+        [--snapshots DIR] [--small-lr 1e-6]
 
 `results` (and `targets`) are at the trainer's default lr. `results_small_lr` repeats
 everything for a second training run at `--small-lr` (default 1e-6, typical of RL
@@ -228,17 +230,19 @@ def entropy_bits(old: torch.Tensor, new: torch.Tensor) -> dict[str, float]:
     return {"positions": positions, "values": values}
 
 
-def measure(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: str) -> dict[str, object]:
+def measure(
+    old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: str, decode_threads: int = 1
+) -> dict[str, object]:
     """Size, modes, changed fraction, throughput and bit-exactness of one delta."""
     full = sum(t.numel() * t.element_size() for t in new.values())
     numel = sum(t.numel() for t in new.values())
     changed = sum(int(_changed(old[k], t).sum()) for k, t in new.items())
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     blob = deltacodec.encode(old, new, codec=codec)
-    enc_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = deltacodec.apply(old, blob)
-    dec_s = time.perf_counter() - t0
+    enc_s, enc_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = deltacodec.apply(old, blob, threads=decode_threads)
+    dec_s, dec_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     ent = [entropy_bits(old[k], t) for k, t in new.items() if k in old and old[k].dtype == t.dtype]
     pos_bits = sum(e["positions"] for e in ent)
     val_bits = sum(e["values"] for e in ent)
@@ -257,6 +261,9 @@ def measure(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: s
         "modes": modes,
         "encode_GBps": round(full / enc_s / 1e9, 3),
         "decode_GBps": round(full / dec_s / 1e9, 3),
+        "encode_cpu_s": round(enc_cpu_s, 3),
+        "decode_cpu_s": round(dec_cpu_s, 3),
+        "decode_cpu_GBps": round(full / dec_cpu_s / 1e9, 3),
         "bit_exact": _bits_equal(out, new),
     }
 
@@ -265,6 +272,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, default=ROOT / ".rlfeed" / "models" / "smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--decode-threads", type=int, default=1, help="tensors `delta.apply` decodes at once (its `threads`)"
+    )
     ap.add_argument("--codec", default=deltacodec.default_codec())
     ap.add_argument("--snapshots", type=Path, default=None)
     ap.add_argument(
@@ -281,11 +291,14 @@ def main() -> None:
 
         build(args.model_dir, "full")
     lr = default_lr()
+    c0 = time.process_time()
+    deltacodec.warm_up()
+    warmup_cpu_s = time.process_time() - c0
     t0 = time.perf_counter()
     kept, figures = load_or_train(args.model_dir, args.snapshots, lr)
     train_s = time.perf_counter() - t0
     n_params = sum(t.numel() for t in kept[0].values())
-    results = measure_all(kept, args.codec)
+    results = measure_all(kept, args.codec, args.decode_threads)
     del kept
     small: dict[str, object] = {}
     if args.small_lr > 0:
@@ -296,7 +309,7 @@ def main() -> None:
                 f"of LLMs) instead of the trainer's default {lr:g}",
                 "lr": args.small_lr,
                 "training": figures_small,
-                "results": measure_all(kept_small, args.codec),
+                "results": measure_all(kept_small, args.codec, args.decode_threads),
             }
         }
         del kept_small
@@ -311,6 +324,9 @@ def main() -> None:
         "train_s": round(train_s, 1),
         "codec": args.codec,
         "torch_threads": args.threads,
+        "decode_threads": args.decode_threads,
+        "numba_kernels": deltacodec._kernels() is not None,
+        "codec_warmup_cpu_s": round(warmup_cpu_s, 3),
         "cpu_count": os.cpu_count(),
         "results": results,
         "targets": {
@@ -324,13 +340,15 @@ def main() -> None:
     print(json.dumps(out))
 
 
-def measure_all(kept: dict[int, dict[str, torch.Tensor]], codec: str) -> dict[str, dict[str, object]]:
+def measure_all(
+    kept: dict[int, dict[str, torch.Tensor]], codec: str, decode_threads: int = 1
+) -> dict[str, dict[str, object]]:
     """`measure` of every pair in PAIRS, per dtype (bf16, fp32)."""
     results: dict[str, dict[str, object]] = {}
     for dtype in (torch.bfloat16, torch.float32):
         cast = {s: {k: v.to(dtype) for k, v in w.items()} for s, w in kept.items()}
         results[str(dtype).removeprefix("torch.")] = {
-            label: measure(cast[a], cast[b], codec) for label, (a, b) in PAIRS.items()
+            label: measure(cast[a], cast[b], codec, decode_threads) for label, (a, b) in PAIRS.items()
         }
         del cast
     return results

@@ -3,11 +3,13 @@ detect corruption, refuse paths outside the store."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from schemas.codec import encode
 from schemas.events import ArtifactKind
 from services.checkpoints import delta
 from services.checkpoints.store import CheckpointStore, CorruptArtifact
@@ -127,3 +129,73 @@ def test_resolve_refuses_symlinks_out(tmp_path: Path) -> None:
     with pytest.raises(CorruptArtifact):
         store.resolve("link/secret")
     assert store.resolve("m/0000000001.delta") == (tmp_path / "store" / "m" / "0000000001.delta").resolve()
+
+
+def test_materialize_trusts_a_known_checksum_of_have(chain, monkeypatch) -> None:
+    """`have_sha256` spares hashing the weights the caller has; it is trusted only as far
+    as the result: weights that are not what the caller claims are found out when the
+    delta fails on them, and the walk starts over from the store."""
+    store, versions = chain
+    sha1 = store.manifest(MODEL, 1).weights_sha256
+    hashed: list[int] = []
+    original = delta.weights_sha256
+    monkeypatch.setattr(delta, "weights_sha256", lambda w: hashed.append(1) or original(w))
+    read: list[str] = []
+    read_artifact = store._read_artifact
+    monkeypatch.setattr(store, "_read_artifact", lambda ev: read.append(ev.artifact_url) or read_artifact(ev))
+    got = store.materialize(MODEL, 2, have=(1, versions[1]), have_sha256=sha1, threads=2)
+    assert hashed == []  # neither the weights held nor the result were hashed whole
+    assert [u.rsplit("/", 1)[1] for u in read] == ["0000000002.delta"]
+    assert original(got) == original(versions[2])
+    read.clear()
+    # A checksum that is not version 1's: `have` is not used, the chain starts at version 0.
+    got = store.materialize(MODEL, 2, have=(1, versions[1]), have_sha256="0" * 64)
+    assert [u.rsplit("/", 1)[1] for u in read] == ["0000000000.safetensors", "0000000001.delta", "0000000002.delta"]
+    assert original(got) == original(versions[2])
+    # Weights that are not version 1, claimed to be: the delta fails on them, they are
+    # found out by their checksum, and the chain is walked from the store instead.
+    read.clear()
+    got = store.materialize(MODEL, 2, have=(1, versions[0]), have_sha256=sha1)
+    assert original(got) == original(versions[2])
+    assert [u.rsplit("/", 1)[1] for u in read] == [
+        "0000000002.delta",
+        "0000000000.safetensors",
+        "0000000001.delta",
+        "0000000002.delta",
+    ]
+    # Missing a tensor (say, a tied one the engine does not list): the same.
+    partial = {k: v for k, v in versions[1].items() if k != "b"}
+    got = store.materialize(MODEL, 2, have=(1, partial), have_sha256=sha1)
+    assert original(got) == original(versions[2])
+
+
+def _replace_artifact(store: CheckpointStore, version: int, data: bytes, **changes: object) -> None:
+    """Overwrite `version`'s artifact with `data` and its manifest to match (sha256, size),
+    plus `changes`: a forged but self-consistent version."""
+    event = store.manifest(MODEL, version)
+    store.resolve(event.artifact_url).write_bytes(data)
+    forged = event.model_copy(update={"sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data), **changes})
+    store.resolve(store._manifest_key(MODEL, version)).write_bytes(encode(forged))
+
+
+def test_a_delta_made_against_other_weights_is_rejected(chain) -> None:
+    """A delta whose header names another base than its base version's manifest, or
+    another result than its own manifest, is refused before it is decoded."""
+    store, versions = chain
+    _replace_artifact(store, 2, delta.encode(versions[0], versions[2]))
+    with pytest.raises(CorruptArtifact, match="other weights than its base"):
+        store.materialize(MODEL, 2)
+    with pytest.raises(CorruptArtifact, match="other weights than its base"):
+        store.materialize(MODEL, 2, have=(1, versions[1]))
+    sha1 = store.manifest(MODEL, 1).weights_sha256
+    with pytest.raises(CorruptArtifact, match="other weights than its base"):  # the weights held are right
+        store.materialize(MODEL, 2, have=(1, versions[1]), have_sha256=sha1)
+    _replace_artifact(
+        store, 2, delta.encode(versions[1], versions[2]), weights_sha256=delta.weights_sha256(versions[3])
+    )
+    with pytest.raises(CorruptArtifact, match="checksum"):
+        store.materialize(MODEL, 2)
+    _replace_artifact(
+        store, 2, delta.encode(versions[1], versions[2]), weights_sha256=delta.weights_sha256(versions[2])
+    )
+    assert delta.weights_sha256(store.materialize(MODEL, 2)) == delta.weights_sha256(versions[2])

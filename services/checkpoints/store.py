@@ -383,16 +383,33 @@ class CheckpointStore:
         return data
 
     def materialize(
-        self, model: str, version: int, have: tuple[int, dict[str, torch.Tensor]] | None = None
+        self,
+        model: str,
+        version: int,
+        have: tuple[int, dict[str, torch.Tensor]] | None = None,
+        *,
+        have_sha256: str | None = None,
+        threads: int = 1,
     ) -> dict[str, torch.Tensor]:
         """Bit-exact weights of `version`, verified; raises CorruptArtifact.
 
         `have` is (version, weights) the caller already holds: when that version lies on
         the delta chain of `version`, the walk stops there instead of at a full snapshot
-        (the weights are checked against that version's manifest before use)."""
+        (the weights are checked against that version's manifest before use).
+        `have_sha256`: the checksum of `have`'s weights when the caller knows it (e.g. the
+        manifest checksum of the version it materialized them as, which this method
+        verified), to spare hashing them again. It is trusted only as far as the result:
+        when the first delta fails on them and they do not hash to that checksum after
+        all, the walk starts over from the store as if `have` had not been given.
+        `threads`: tensors decoded at once per delta (see `delta.apply`).
+
+        Every artifact's bytes are checked against their manifest's sha256, every
+        reconstructed version against its manifest's weights checksum, and a delta's own
+        base and result checksums against its base's and its own manifest."""
         chain: list[ModelUpdateEvent] = []
         current = version
         start: dict[str, torch.Tensor] | None = None
+        start_sha: str | None = None
         seen: set[int] = set()
         while True:
             if current in seen:
@@ -401,21 +418,18 @@ class CheckpointStore:
             event = self.manifest(model, current)
             if event.version != current or event.model != model:
                 raise CorruptArtifact(f"{model} v{current}: manifest names {event.model} v{event.version}")
-            if (
-                have is not None
-                and have[0] == current
-                and event.weights_sha256 is not None
-                and deltacodec.weights_sha256(have[1]) == event.weights_sha256
-            ):
-                start = dict(have[1])
-                break
+            if have is not None and have[0] == current and event.weights_sha256 is not None:
+                have_sha = have_sha256 if have_sha256 is not None else deltacodec.weights_sha256(have[1])
+                if have_sha == event.weights_sha256:
+                    start, start_sha = dict(have[1]), event.weights_sha256
+                    break
             chain.append(event)
             if event.artifact_kind == ArtifactKind.FULL:
                 break
             if event.base_version is None:
                 raise CorruptArtifact(f"{model} v{current}: delta without base_version")
             current = event.base_version
-        weights = start
+        weights, weights_sha = start, start_sha
         for event in reversed(chain):
             data = self._read_artifact(event)
             if event.artifact_kind == ArtifactKind.FULL:
@@ -423,16 +437,50 @@ class CheckpointStore:
                     weights = st_load(data)
                 except Exception as exc:
                     raise CorruptArtifact(f"{model} v{event.version}: undecodable safetensors: {exc}") from None
+                if event.weights_sha256 is not None and deltacodec.weights_sha256(weights) != event.weights_sha256:
+                    raise CorruptArtifact(f"{model} v{event.version}: reconstructed weights fail their checksum")
             else:
                 assert weights is not None
                 try:
-                    weights = deltacodec.apply(weights, data, verify_base=False, verify_result=False)
-                except deltacodec.DeltaError as exc:
-                    raise CorruptArtifact(f"{model} v{event.version}: {exc}") from None
-            if event.weights_sha256 is not None and deltacodec.weights_sha256(weights) != event.weights_sha256:
-                raise CorruptArtifact(f"{model} v{event.version}: reconstructed weights fail their checksum")
+                    weights = self._apply_delta(event, data, weights, weights_sha, threads)
+                except CorruptArtifact:
+                    # Weights taken on the caller's word that fail now: if they are not
+                    # what the caller said, start over from the store; else the delta is bad.
+                    if start is None or have_sha256 is None or weights is not start:
+                        raise
+                    assert have is not None
+                    if deltacodec.weights_sha256(have[1]) == start_sha:
+                        raise
+                    return self.materialize(model, version, threads=threads)
+            weights_sha = event.weights_sha256
         assert weights is not None
         return weights
+
+    @staticmethod
+    def _apply_delta(
+        event: ModelUpdateEvent,
+        data: bytes,
+        base: dict[str, torch.Tensor],
+        base_sha: str | None,
+        threads: int,
+    ) -> dict[str, torch.Tensor]:
+        """`data` (the delta artifact of `event`) applied to `base`, whose checksum is
+        `base_sha` when known. The delta's header must name that base checksum and the
+        manifest's weights checksum; `delta.apply` then checks the result against it
+        (hashing each tensor as soon as it is decoded)."""
+        where = f"{event.model} v{event.version}"
+        try:
+            header = deltacodec.read_header(data)
+        except deltacodec.DeltaError as exc:
+            raise CorruptArtifact(f"{where}: {exc}") from None
+        if base_sha is not None and header.get("base_sha256") != base_sha:
+            raise CorruptArtifact(f"{where}: the delta was made against other weights than its base version")
+        if event.weights_sha256 is not None and header.get("new_sha256") != event.weights_sha256:
+            raise CorruptArtifact(f"{where}: reconstructed weights fail their checksum (the delta names another)")
+        try:
+            return deltacodec.apply(base, data, verify_base=False, verify_result=True, threads=threads)
+        except deltacodec.DeltaError as exc:
+            raise CorruptArtifact(f"{where}: {exc}") from None
 
     # --- writing ---
     def publish(

@@ -101,6 +101,9 @@ class Replica:
         self.swaps: deque[SwapRecord] = deque(maxlen=1000)
         """The latest swaps, oldest first (benchmarks read pauses and serving times here)."""
         self._last_pause_s = 0.0
+        self._weights_sha: dict[int, str] = {}
+        """Manifest weights checksum of the versions the engine holds (stable, candidate),
+        remembered when they were materialized: the next delta's base needs no re-hashing."""
         engine.on_batch = self._on_batch
         self._time_weight_copies()
         m = self.metrics
@@ -268,6 +271,9 @@ class Replica:
         return self._loading or self._wanted is not None
 
     def _load_loop(self) -> None:
+        from services.checkpoints.delta import warm_up
+
+        warm_up()  # the delta decoder's kernels, before the first update needs them
         while True:
             with self._cv:
                 while self._wanted is None and not self._stop.is_set():
@@ -283,6 +289,17 @@ class Replica:
                     self.apply_update(ev)
             finally:
                 self._loading = False
+
+    def _materialize(self, version: int) -> dict[str, Any]:
+        """`version`'s verified weights, built from the stable ones the engine serves."""
+        model, current = self.settings.model_name, self.engine.version
+        weights = self.store.materialize(
+            model, version, have=(current, self.engine.state_dict()), have_sha256=self._weights_sha.get(current)
+        )
+        known = {v: self._weights_sha[v] for v in (current, self.engine.candidate_version) if v in self._weights_sha}
+        sha = self.store.manifest(model, version).weights_sha256
+        self._weights_sha = known | ({version: sha} if sha else {})
+        return weights
 
     def apply_update(self, ev: ModelUpdateEvent) -> bool:
         """Load and swap in `ev`'s version; on failure keep serving and report. True if swapped."""
@@ -307,9 +324,7 @@ class Replica:
             kind=kind,
         )
         try:
-            weights = self.store.materialize(
-                self.settings.model_name, version, have=(current, self.engine.state_dict())
-            )
+            weights = self._materialize(version)
             materialized_s = time.monotonic() - started
             self.engine.swap_weights(version, weights)
         except Exception as exc:
@@ -366,9 +381,7 @@ class Replica:
             log_event(log, "rollout_candidate_dropped", version=dropped, decision=str(ev.decision))
         elif want is not None and engine.candidate_version != want:
             try:
-                weights = self.store.materialize(
-                    self.settings.model_name, want, have=(engine.version, engine.state_dict())
-                )
+                weights = self._materialize(want)
                 engine.set_candidate(want, weights)
             except Exception as exc:
                 self.last_error = f"candidate {want} not loaded, serving {engine.version} to all: {exc}"

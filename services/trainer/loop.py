@@ -399,10 +399,11 @@ class Trainer:
         """Published `version`'s weights in a frozen model (delta base, KL parent)."""
         s = self.settings
         if self.parent is None or self.parent_version != version:
-            have = None
+            have, have_sha = None, None
             if self.parent is not None and self.parent_version is not None:
                 have = (self.parent_version, policy.weights(self.parent))
-            w = self.store.materialize(s.model_name, version, have=have)
+                have_sha = self.store.manifest(s.model_name, self.parent_version).weights_sha256
+            w = self.store.materialize(s.model_name, version, have=have, have_sha256=have_sha)
             if self.parent is None:
                 self.parent = policy.frozen_copy(self.model, w)
             else:
