@@ -19,15 +19,20 @@ Then, in one run:
   best raw insert, `cpu_ratio` their ratio: figures that a loaded machine disturbs far
   less than the rates (the broker, a separate process, is in neither);
   `consume_only_cpu_us_per_msg` is the bare consumer's share of the sink's CPU.
+- `sink_thread_cpu_us_per_msg`: the CPU per message of the sink's decoding thread
+  (`poll_decode`: consume, decode, rows; Python holding the GIL nearly all of it) and of
+  its insert thread (`insert`: the JSON document, then chdb parsing and writing it
+  without the GIL, on that thread).
 - `consume_only_msgs_per_s`: a bare confluent-kafka consumer reading the same messages
   (no decoding, no insert): the Kafka side's own limit in this run.
 
 With `--split`, `cpu_us_per_msg_by_stage` adds the CPU per message of each stage of the
 sink's hot path measured offline (`stage_split`) and the bare consumer's.
 
-Usage: `python bench/sink.py [--events 1000000] [--batch 50000] [--split]` (`RLFEED_KAFKA_URL`
-picks a running broker; otherwise an embedded noida-db is started in a temporary
-directory, stopped by pid and deleted afterwards). Profile the sink with py-spy:
+Usage: `python bench/sink.py [--events 1000000] [--batch 50000] [--split]
+[--sink-insert json|columns]` (`RLFEED_KAFKA_URL` picks a running broker; otherwise an
+embedded noida-db is started in a temporary directory, stopped by pid and deleted
+afterwards). Profile the sink with py-spy:
 `py-spy record -o sink.svg -- python bench/sink.py --events 200000`.
 """
 
@@ -217,9 +222,26 @@ def produce_all(bootstrap: str, prefix: str, messages: list[tuple[str, bytes, by
         raise RuntimeError("producer did not deliver every message within 300 s")
 
 
-def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple[float, float, dict]:
+class ColumnInsertOnly:
+    """A client offering only clickhouse-connect's column insert (and the column-type
+    lookup): the sink then inserts as it did before its JSON inserts (`--sink-insert
+    columns`, for a same-run comparison)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def insert(self, *args, **kwargs):
+        return self.client.insert(*args, **kwargs)
+
+    def create_insert_context(self, *args, **kwargs):
+        return self.client.create_insert_context(*args, **kwargs)
+
+
+def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple[float, float, dict, dict]:
     """Seconds from Sink() until n messages are committed, the CPU seconds this process
-    used meanwhile (every thread: decoding, librdkafka, chdb), and the sink's stats."""
+    used meanwhile (every thread: decoding, librdkafka, chdb), the sink's stats, and the
+    CPU seconds of the sink's two Python threads: `poll_decode` (consume, decode, rows)
+    and `insert` (the JSON document, chdb's parsing and writing on that thread)."""
     from services.sink.settings import SinkSettings
     from services.sink.worker import Sink
 
@@ -235,13 +257,23 @@ def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple
     while sink.stats.messages < n and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.005)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    threads = {"poll_decode": _thread_cpu(runner)}
+    threads["insert"] = sum(_thread_cpu(t) for t in threading.enumerate() if t.name.startswith("sink-insert"))
     stop.set()
     runner.join()
     stats = sink.stats.as_dict()
     sink.close()
     if stats["messages"] < n:
         raise RuntimeError(f"sink committed {stats['messages']} of {n} messages within the deadline")
-    return elapsed, cpu, stats
+    return elapsed, cpu, stats, threads
+
+
+def _thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds a running thread has used (0 when it has ended)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def bench_raw(client, messages: list, batch: int | None, columnar: bool) -> tuple[float, float]:
@@ -300,16 +332,18 @@ def stage_split(messages: list, batch: int, url: str) -> dict[str, float]:
     """CPU microseconds per message of each stage of the sink's hot path, offline (no
     Kafka; GC paused as the sink pauses it; `batch` messages at a time): decode and
     validate (`counted_batch_decoder`), row mapping, redaction (the row functions with
-    redaction less without), columns (zip), insert (clickhouse-connect and chdb)."""
+    redaction less without), columns (the JSON document of columns the sink sends,
+    `rows.json_columns`), insert (`raw_insert` into chdb, as the sink does: ClickHouse
+    parsing it in C++, the MergeTree write and the materialized views)."""
     from schemas.fast import counted_batch_decoder
     from services.clickhouse import migrations
     from services.clickhouse.client import connect
-    from services.sink.worker import gc_paused
+    from services.sink.rows import INSERT_FORMAT, json_columns
+    from services.sink.worker import INSERT_SETTINGS, gc_paused
 
     client = connect(url, "bench_split")
     migrations.apply(client)
     cpu = dict.fromkeys(("decode_validate", "row_mapping", "redaction", "columns", "insert"), 0.0)
-    types: dict[str, object] = {}
     clock = time.process_time
     for start in range(0, len(messages), batch):
         by_topic: dict[str, list[bytes]] = {}
@@ -326,12 +360,10 @@ def stage_split(messages: list, batch: int, url: str) -> dict[str, float]:
                 t2 = clock()
                 rows = [spec.row(s) for s in structs]
                 t3 = clock()
-                columns = list(zip(*rows, strict=True))
+                body = json_columns(spec, rows)
                 t4 = clock()
-                if spec.table not in types:  # asked once per table, as the sink does
-                    types[spec.table] = client.create_insert_context(spec.table, spec.columns).column_types
-                client.insert(
-                    spec.table, columns, column_names=spec.columns, column_types=types[spec.table], column_oriented=True
+                client.raw_insert(
+                    spec.table, spec.columns, insert_block=body, fmt=INSERT_FORMAT, settings=INSERT_SETTINGS
                 )
                 t5 = clock()
             cpu["decode_validate"] += t1 - t0
@@ -362,6 +394,13 @@ def main() -> None:
         choices=("env", "off"),
         default="env",
         help="PII redaction in the sink's rows: as RLFEED_REDACT_* say (default: on), or off",
+    )
+    parser.add_argument(
+        "--sink-insert",
+        choices=("json", "columns"),
+        default="json",
+        help="the sink's insert: JSONCompactColumns parsed by ClickHouse (default, as `rlfeed sink`), or "
+        "clickhouse-connect's column insert (the previous one, to compare in the same conditions)",
     )
     parser.add_argument(
         "--split",
@@ -399,7 +438,8 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         client = connect(f"chdb://{work / 'chdb'}", "bench_sink")
         migrations.apply(client)
-        sink_s, sink_cpu_s, stats = bench_sink(bootstrap, prefix, client, len(messages), batch)
+        sink_client = client if args.sink_insert == "json" else ColumnInsertOnly(client)
+        sink_s, sink_cpu_s, stats, thread_cpu = bench_sink(bootstrap, prefix, sink_client, len(messages), batch)
         landed = distinct_rows(client)
         progress("sink", seconds=round(sink_s, 2), distinct_rows=landed)
 
@@ -438,12 +478,14 @@ def main() -> None:
                     "consume_only_msgs_per_s": round(n / consume_s),
                     "sink_seconds": round(sink_s, 2),
                     "sink_cpu_us_per_msg": round(sink_cpu_s / n * 1e6, 2),
+                    "sink_thread_cpu_us_per_msg": {k: round(v / n * 1e6, 2) for k, v in thread_cpu.items()},
                     "raw_insert_cpu_us_per_row": round(raw_cpu_best / n * 1e6, 2),
                     "consume_only_cpu_us_per_msg": round(consume_cpu_s / n * 1e6, 2),
                     "cpu_ratio": round(raw_cpu_best / sink_cpu_s, 3),
                     "distinct_rows_in_clickhouse": landed,
                     **({"cpu_us_per_msg_by_stage": split} if split is not None else {}),
                     "sink_stats": {k: stats[k] for k in ("batches", "messages", "rows", "dead_letters", "slow_path")},
+                    "sink_insert": args.sink_insert,
                     "redaction": redact.current() is not None,
                     "broker": "RLFEED_KAFKA_URL" if url else "embedded noida-db",
                     "clickhouse": "chdb (in process)",

@@ -121,12 +121,12 @@ class _HeldClient:
         self.release = threading.Event()
         self.inserts = 0
 
-    def insert(self, *args, **kwargs):
+    def raw_insert(self, *args, **kwargs):
         self.inserts += 1
         if self.inserts == 1:
             self.entered.set()
             assert self.release.wait(120)
-        return self.client.insert(*args, **kwargs)
+        return self.client.raw_insert(*args, **kwargs)
 
 
 def _committed(bootstrap: str, group: str, prefix: str) -> int:
@@ -179,7 +179,7 @@ class _DownClient:
     def __init__(self) -> None:
         self.failures = 0
 
-    def insert(self, *args, **kwargs):
+    def raw_insert(self, *args, **kwargs):
         self.failures += 1
         raise ConnectionError("ClickHouse unavailable")
 

@@ -113,47 +113,24 @@ def test_a_row_function_needing_the_pydantic_model_falls_back_to_it(monkeypatch:
     assert sink.stats.slow_path == 1 and not producer.produced
 
 
-class _Described:
-    column_types = ("String",)
-
-
 class _RecordingClient:
-    """Records inserts; answers the column-type lookup (counted)."""
+    """Records the raw inserts."""
 
     def __init__(self) -> None:
-        self.described: list[str] = []
-        self.inserts: list[tuple[str, list, object]] = []
+        self.inserts: list[tuple[str, object, bytes, str, dict]] = []
 
-    def create_insert_context(self, table: str, columns) -> _Described:
-        self.described.append(table)
-        return _Described()
-
-    def insert(self, table: str, data, column_names, column_types=None, column_oriented=False) -> None:
-        assert column_oriented
-        self.inserts.append((table, data, column_types))
+    def raw_insert(self, table: str, column_names, insert_block: bytes, settings: dict, fmt: str) -> None:
+        self.inserts.append((table, tuple(column_names), insert_block, fmt, settings))
 
 
-class _InsertOnly:
-    """A wrapper offering only `insert` (as some tests' flaky clients do)."""
-
-    def __init__(self) -> None:
-        self.types: list[object] = []
-
-    def insert(self, table: str, data, column_names, column_types=None, column_oriented=False) -> None:
-        self.types.append(column_types)
-
-
-def test_insert_asks_the_column_types_once_per_table_and_inserts_columns() -> None:
+def test_insert_sends_one_json_document_of_columns_per_table() -> None:
     sink, _ = _sink([])
-    sink._column_types = {}
     sink.client = client = _RecordingClient()
-    rows = {"forget_requests": [("e1", 1, "t", "u1", "x"), ("e2", 2, "t", "u2", "y")]}
-    assert sink._insert(rows, None) and sink._insert(rows, None)
-    assert client.described == ["forget_requests"]
-    assert [i[2] for i in client.inserts] == [("String",), ("String",)]
-    assert client.inserts[0][1] == [("e1", "e2"), (1, 2), ("t", "t"), ("u1", "u2"), ("x", "y")]
-    assert sink.stats.rows["forget_requests"] == 4
-
-    sink._column_types = {}
-    sink.client = bare = _InsertOnly()
-    assert sink._insert(rows, None) and bare.types == [None]
+    rows = {"forget_requests": [("e1", 1500, "t", "u1", "x"), ("e2", 2, "t", "u2", "y")]}
+    assert sink._insert(rows, None)
+    [(table, names, body, fmt, settings)] = client.inserts
+    assert table == "forget_requests" and names == SPECS["forget-requests.v1"].columns
+    assert fmt == "JSONCompactColumns" and settings["max_partitions_per_insert_block"] == 0
+    # times go as epoch seconds (ClickHouse reads a JSON number into DateTime64(3) so)
+    assert orjson.loads(body) == [["e1", "e2"], [1.5, 0.002], ["t", "t"], ["u1", "u2"], ["x", "y"]]
+    assert sink.stats.rows["forget_requests"] == 2

@@ -111,11 +111,11 @@ class _FlakyClient:
         self.client = client
         self.failures = failures
 
-    def insert(self, *args, **kwargs):
+    def raw_insert(self, *args, **kwargs):
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("ClickHouse unavailable")
-        return self.client.insert(*args, **kwargs)
+        return self.client.raw_insert(*args, **kwargs)
 
 
 def test_sink_retries_a_failed_insert_and_commits_only_after_it(kafka_bootstrap, topic_prefix, clickhouse) -> None:

@@ -30,11 +30,11 @@ class Outage:
         self.down = threading.Event()
         self.refused = 0
 
-    def insert(self, *args, **kwargs):
+    def raw_insert(self, *args, **kwargs):
         if self.down.is_set():
             self.refused += 1
             raise ConnectionRefusedError("ClickHouse unavailable (chaos)")
-        return self.client.insert(*args, **kwargs)
+        return self.client.raw_insert(*args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.client, name)
