@@ -222,22 +222,26 @@ def produce_all(bootstrap: str, prefix: str, messages: list[tuple[str, bytes, by
         raise RuntimeError("producer did not deliver every message within 300 s")
 
 
-class ColumnInsertOnly:
-    """A client offering only clickhouse-connect's column insert (and the column-type
-    lookup): the sink then inserts as it did before its JSON inserts (`--sink-insert
-    columns`, for a same-run comparison)."""
+class ColumnInsertSink:
+    """`--sink-insert columns`: the sink as it inserted before its JSON inserts, for a
+    same-run comparison: clickhouse-connect's column-oriented insert (its Python-side
+    serialisation), the column types asked once per table."""
 
-    def __init__(self, client) -> None:
-        self.client = client
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self.types: dict[str, object] = {}
 
-    def insert(self, *args, **kwargs):
-        return self.client.insert(*args, **kwargs)
+    def __call__(self, table: str, batch: list[tuple]) -> None:
+        spec, client = self.sink._specs[table], self.sink.client
+        if table not in self.types:
+            self.types[table] = client.create_insert_context(table, spec.columns).column_types
+        columns = list(zip(*batch, strict=True))
+        client.insert(table, columns, column_names=spec.columns, column_types=self.types[table], column_oriented=True)
 
-    def create_insert_context(self, *args, **kwargs):
-        return self.client.create_insert_context(*args, **kwargs)
 
-
-def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple[float, float, dict, dict]:
+def bench_sink(
+    bootstrap: str, prefix: str, client, n: int, batch: int, insert: str = "json"
+) -> tuple[float, float, dict, dict]:
     """Seconds from Sink() until n messages are committed, the CPU seconds this process
     used meanwhile (every thread: decoding, librdkafka, chdb), the sink's stats, and the
     CPU seconds of the sink's two Python threads: `poll_decode` (consume, decode, rows)
@@ -251,6 +255,8 @@ def bench_sink(bootstrap: str, prefix: str, client, n: int, batch: int) -> tuple
     stop = threading.Event()
     start, cpu_start = time.perf_counter(), time.process_time()
     sink = Sink(settings, bootstrap, client)
+    if insert == "columns":
+        sink._insert_table = ColumnInsertSink(sink)  # type: ignore[method-assign]
     runner = threading.Thread(target=sink.run, args=(stop,), name="sink")
     runner.start()
     deadline = time.monotonic() + 1800
@@ -438,8 +444,9 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         client = connect(f"chdb://{work / 'chdb'}", "bench_sink")
         migrations.apply(client)
-        sink_client = client if args.sink_insert == "json" else ColumnInsertOnly(client)
-        sink_s, sink_cpu_s, stats, thread_cpu = bench_sink(bootstrap, prefix, sink_client, len(messages), batch)
+        sink_s, sink_cpu_s, stats, thread_cpu = bench_sink(
+            bootstrap, prefix, client, len(messages), batch, args.sink_insert
+        )
         landed = distinct_rows(client)
         progress("sink", seconds=round(sink_s, 2), distinct_rows=landed)
 
