@@ -170,15 +170,6 @@ def load_or_train(
     return kept, figures
 
 
-def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype
-        and a[k].shape == b[k].shape
-        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
-        for k in a
-    )
-
-
 def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per element: do the bits of `a` and `b` differ?"""
     n = b.numel()
@@ -264,7 +255,7 @@ def measure(
         "encode_cpu_s": round(enc_cpu_s, 3),
         "decode_cpu_s": round(dec_cpu_s, 3),
         "decode_cpu_GBps": round(full / dec_cpu_s / 1e9, 3),
-        "bit_exact": _bits_equal(out, new),
+        "bit_exact": deltacodec.same_bits(out, new),
     }
 
 

@@ -11,15 +11,6 @@ import torch
 from services.checkpoints import delta
 
 
-def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    if a.keys() != b.keys():
-        return False
-    return all(
-        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(torch.uint8), y.view(torch.uint8))
-        for x, y in ((a[k].reshape(-1), b[k].reshape(-1)) for k in a)
-    )
-
-
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -61,7 +52,7 @@ def test_round_trip_is_bit_exact(codec: str) -> None:
         "scalar": "raw",
     }
     out = delta.apply(old, blob)
-    assert _bits_equal(out, new)
+    assert delta.same_bits(out, new)
     assert out["dense"].view(torch.int32)[0, 0].item() == 0x7FC00001  # NaN payload kept
     assert torch.signbit(out["dense"][0, 1])
     assert delta.weights_sha256(out) == delta.weights_sha256(new)
@@ -71,7 +62,7 @@ def test_unchanged_weights_give_a_tiny_delta() -> None:
     old = {"w": torch.randn(256, 256)}
     blob = delta.encode(old, {"w": old["w"].clone()})
     assert len(blob) < 1000
-    assert _bits_equal(delta.apply(old, blob), old)
+    assert delta.same_bits(delta.apply(old, blob), old)
 
 
 def test_sparse_change_is_much_smaller_than_the_tensor() -> None:
@@ -80,7 +71,7 @@ def test_sparse_change_is_much_smaller_than_the_tensor() -> None:
     new["w"].view(-1)[::1000] += 1.0
     blob = delta.encode(old, new)
     assert len(blob) < old["w"].numel() * 4 / 50
-    assert _bits_equal(delta.apply(old, blob), new)
+    assert delta.same_bits(delta.apply(old, blob), new)
 
 
 def test_checksum_depends_on_name_dtype_shape_and_bits() -> None:

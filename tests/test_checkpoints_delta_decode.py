@@ -92,15 +92,6 @@ def _fixture_weights() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]
     return old, new
 
 
-def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype
-        and a[k].shape == b[k].shape
-        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
-        for k in a
-    )
-
-
 @pytest.fixture(params=["numba", "numpy"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run the test once through the numba kernels (skipped without numba) and once
@@ -121,7 +112,7 @@ def test_the_fixture_of_the_old_encoder_still_decodes(path: str) -> None:
     modes = {e["name"]: e["mode"] for e in delta.read_header(FORMAT4_FIXTURE)["tensors"]}
     assert modes == {"ints": "bitmap", "keep": "same", "part": "ricesm", "w16": "ricesm", "w32": "ricesm"}
     for threads in (1, 3):
-        assert _bits_equal(delta.apply(old, FORMAT4_FIXTURE, threads=threads), new)
+        assert delta.same_bits(delta.apply(old, FORMAT4_FIXTURE, threads=threads), new)
 
 
 def _float_pair(dtype: torch.dtype, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +153,7 @@ def test_every_decoding_path_is_bit_exact(path: str, dtype: torch.dtype, fractio
     assert np.array_equal(delta._apply_rice(a, payloads["rice"], count, dtype, "w", "zigzag"), b)
     assert np.array_equal(delta._apply_rice(a, payloads["ricesm"], count, dtype, "w", "signmag"), b)
     blob = delta.encode({"w": old}, {"w": new})
-    assert _bits_equal(delta.apply({"w": old}, blob), {"w": new})
+    assert delta.same_bits(delta.apply({"w": old}, blob), {"w": new})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -216,9 +207,9 @@ def test_threads_give_the_same_weights(threads: int) -> None:
     old, new = _model_like(0)
     blob = delta.encode(old, new)
     out = delta.apply(old, blob, threads=threads)
-    assert _bits_equal(out, new)
+    assert delta.same_bits(out, new)
     assert list(out) == sorted(new)
-    assert _bits_equal(out, delta.apply(old, blob, threads=1))
+    assert delta.same_bits(out, delta.apply(old, blob, threads=1))
 
 
 @pytest.mark.parametrize("threads", [1, 4])
@@ -243,7 +234,7 @@ def test_a_known_base_checksum_replaces_hashing_the_base(monkeypatch: pytest.Mon
     calls: list[int] = []
     original = delta.weights_sha256
     monkeypatch.setattr(delta, "weights_sha256", lambda w: calls.append(1) or original(w))
-    assert _bits_equal(delta.apply(old, blob, base_sha256=base_sha), new)
+    assert delta.same_bits(delta.apply(old, blob, base_sha256=base_sha), new)
     assert calls == []
     with pytest.raises(delta.DeltaError, match="base checksum"):
         delta.apply(old, blob, base_sha256="0" * 64)

@@ -44,12 +44,6 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and _bytes(a[k]) == _bytes(b[k]) for k in a
-    )
-
-
 def _from_bytes(raw: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     if raw.size == 0:
         return torch.empty(shape, dtype=dtype)
@@ -115,7 +109,7 @@ def test_round_trip_is_bit_exact(
         new["added"] = pairs[-1][1].clone()
     blob = delta.encode(old, new, codec=codec)
     out = delta.apply(old, blob)
-    assert _bits_equal(out, new)
+    assert delta.same_bits(out, new)
     assert delta.weights_sha256(out) == delta.weights_sha256(new)
     modes = {e["name"]: e["mode"] for e in delta.read_header(blob)["tensors"]}
     for name, t in new.items():
@@ -139,7 +133,7 @@ def test_a_flipped_byte_is_detected(pair: tuple[torch.Tensor, torch.Tensor], cod
     # Not refused: only acceptable when the flip was in bytes the decoder ignores
     # (e.g. a zstd frame header field) and the result is still exactly `new`, which
     # the result checksum has then verified.
-    assert _bits_equal(out, {"w": new, "b": torch.arange(5)})
+    assert delta.same_bits(out, {"w": new, "b": torch.arange(5)})
     start = delta.read_header(blob)["_payload_start"]
     assert codec != "zlib" or pos < start, "a flip in a zlib payload went unnoticed"
 
@@ -153,7 +147,7 @@ def test_small_steps_use_bitmap_mode_and_compress(dtype: torch.dtype) -> None:
     master = old.double() - 1e-4 * torch.sign(torch.randn(256, 256, generator=g, dtype=torch.float64))
     new = master.to(dtype)
     blob = delta.encode({"w": old}, {"w": new})
-    assert _bits_equal(delta.apply({"w": old}, blob), {"w": new})
+    assert delta.same_bits(delta.apply({"w": old}, blob), {"w": new})
     (entry,) = delta.read_header(blob)["tensors"]
     assert entry["mode"] in ("bitmap", "rice", "ricesm")
     assert len(blob) < old.numel() * old.element_size() / 4
@@ -212,7 +206,7 @@ def test_signmag_beats_zigzag_on_one_ulp_steps() -> None:
     blob = delta.encode({"w": old}, {"w": new})
     (entry,) = delta.read_header(blob)["tensors"]
     assert entry["mode"] == "ricesm"
-    assert _bits_equal(delta.apply({"w": old}, blob), {"w": new})
+    assert delta.same_bits(delta.apply({"w": old}, blob), {"w": new})
     a, b = delta._raw(old).view(np.uint16), delta._raw(new).view(np.uint16)
     zz, _ = delta._rice_payload(a, b, torch.bfloat16, "zigzag")
     assert entry["length"] < len(delta._compress(delta.default_codec(), zz))
@@ -234,7 +228,7 @@ def test_format_2_deltas_still_apply() -> None:
         with pytest.raises(delta.DeltaError, match="unknown mode"):
             delta.apply(old, v2)
     else:
-        assert _bits_equal(delta.apply(old, v2), new)
+        assert delta.same_bits(delta.apply(old, v2), new)
     new["b"] = old["b"].clone()  # modes every format has
     blob = delta.encode(old, new)
     head = delta.read_header(blob)
@@ -242,7 +236,7 @@ def test_format_2_deltas_still_apply() -> None:
     head["format"] = 2
     body = json.dumps(head, separators=(",", ":")).encode()
     v2 = delta.MAGIC_V2 + struct.pack("<I", len(body)) + body + blob[start:]
-    assert _bits_equal(delta.apply(old, v2), new)
+    assert delta.same_bits(delta.apply(old, v2), new)
 
 
 def test_format_1_deltas_still_apply() -> None:
@@ -255,7 +249,7 @@ def test_format_1_deltas_still_apply() -> None:
     del head["format"], head["_payload_start"]
     body = json.dumps(head, separators=(",", ":")).encode()
     v1 = delta.MAGIC_V1 + struct.pack("<I", len(body)) + body + blob[delta.read_header(blob)["_payload_start"] :]
-    assert _bits_equal(delta.apply(old, v1), new)
+    assert delta.same_bits(delta.apply(old, v1), new)
     new["b"] = (old["b"].double() - 1e-4).to(torch.bfloat16)
     blob = delta.encode(old, new)
     assert {e["mode"] for e in delta.read_header(blob)["tensors"]} & {"bitmap", "rice", "ricesm"}
@@ -284,7 +278,7 @@ def test_format_3_deltas_still_apply() -> None:
     }
     body = json.dumps(head, separators=(",", ":")).encode()
     v3 = delta.MAGIC_V3 + struct.pack("<I", len(body)) + body + data
-    assert _bits_equal(delta.apply(old, v3), new)
+    assert delta.same_bits(delta.apply(old, v3), new)
     blob = delta.encode(old, new)
     assert delta.read_header(blob)["tensors"][0]["mode"] == "ricesm"
     head = delta.read_header(blob)

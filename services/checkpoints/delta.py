@@ -705,6 +705,17 @@ def _hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
     h.update(memoryview(raw))
 
 
+def same_bits(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold the same names, dtypes, shapes and bits (NaN payloads
+    and -0.0 included, where `torch.equal` on values would not tell)."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype
+        and a[k].shape == b[k].shape
+        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
+        for k in a
+    )
+
+
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the sorted names, with each tensor's dtype, shape and raw bytes."""
     h = hashlib.sha256()
