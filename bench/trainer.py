@@ -212,7 +212,7 @@ def main() -> None:
                 topic_prefix=prefix,
                 model_name="bench-policy",
                 model_dir=model_dir,
-                checkpoint_dir=work / "store",
+                checkpoint_dir=work / (f"store-{mode}" if publish else "store"),  # versions raise staleness
                 pipelined=mode.startswith("pipelined"),
                 trainer_bf16=mode.endswith("bf16"),
                 trainer_device="cpu",
