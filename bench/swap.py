@@ -447,7 +447,6 @@ def replica_env(
         "vllm_dtype": args.vllm_dtype,
         "vllm_enforce_eager": "true",
         "vllm_cpu_kvcache_space_gib": args.vllm_kv_cache_gib,
-        **({"gil_switch_interval_ms": args.gil_switch_interval_ms} if args.gil_switch_interval_ms else {}),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLFEED_")}
     env |= {f"RLFEED_{k.upper()}": str(v) for k, v in settings.items()}
@@ -580,7 +579,6 @@ def main() -> None:
     p.add_argument("--vllm-dtype", default="float32", help="vLLM weight dtype (float32 on CPU: swaps stay bit-exact)")
     p.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="vLLM CPU KV cache per replica, GiB")
     p.add_argument("--step-lr", type=float, default=5e-5, help="every weight moves this much per version")
-    p.add_argument("--gil-switch-interval-ms", type=float, default=None, help="replicas' switch interval")
     p.add_argument("--start-timeout-s", type=float, default=600.0, help="longest wait for a replica to be ready")
     p.add_argument("--swap-timeout-s", type=float, default=120.0, help="longest wait for one version")
     args = p.parse_args()

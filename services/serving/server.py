@@ -8,7 +8,6 @@ in a background thread, for tests and benchmarks.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from typing import Any
@@ -75,8 +74,6 @@ def _uvicorn_server(app: Any, settings: ServingSettings) -> Any:
 def run_forever(settings: ServingSettings) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers), then shut down gracefully."""
     from services.serving.app import create_app
-
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
 
     sock = bind_socket(settings.serving_host, settings.serving_port)
     port = sock.getsockname()[1]

@@ -62,13 +62,6 @@ class ServingSettings(RlfeedSettings):
     1 by default: on a 2-core machine shared with the broker, streams and trainer, torch's
     spinning worker threads made generation 17x slower in bench/serving.py; raise it on a
     dedicated host."""
-    gil_switch_interval_ms: float = Field(0.5, gt=0)
-    """The interpreter's thread switch interval in this process (Python's default: 5 ms).
-    While a batch runs, the generation thread (vLLM's in-process engine loop above all)
-    holds the GIL between kernels; the thread loading a new version (delta decode,
-    checksums: hundreds of short numpy calls) waits up to one interval for it after each
-    call. At 5 ms that tripled a tiny model's load time beside a busy thread (0.25 -> 0.85 s;
-    0.44 s at 0.5 ms), and the load is what a published version waits for."""
     event_buffer_max: int = 10_000
     """Most events held in memory while the broker is unreachable; beyond it they are dropped (counted)."""
     event_delivery_timeout_s: float = 600.0
