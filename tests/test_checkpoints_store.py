@@ -143,7 +143,7 @@ def test_materialize_trusts_a_known_checksum_of_have(chain, monkeypatch) -> None
     read: list[str] = []
     read_artifact = store._read_artifact
     monkeypatch.setattr(store, "_read_artifact", lambda ev: read.append(ev.artifact_url) or read_artifact(ev))
-    got = store.materialize(MODEL, 2, have=(1, versions[1]), have_sha256=sha1, threads=2)
+    got = store.materialize(MODEL, 2, have=(1, versions[1]), have_sha256=sha1)
     assert hashed == []  # neither the weights held nor the result were hashed whole
     assert [u.rsplit("/", 1)[1] for u in read] == ["0000000002.delta"]
     assert original(got) == original(versions[2])

@@ -389,7 +389,6 @@ class CheckpointStore:
         have: tuple[int, dict[str, torch.Tensor]] | None = None,
         *,
         have_sha256: str | None = None,
-        threads: int = 1,
     ) -> dict[str, torch.Tensor]:
         """Bit-exact weights of `version`, verified; raises CorruptArtifact.
 
@@ -401,7 +400,6 @@ class CheckpointStore:
         verified), to spare hashing them again. It is trusted only as far as the result:
         when the first delta fails on them and they do not hash to that checksum after
         all, the walk starts over from the store as if `have` had not been given.
-        `threads`: tensors decoded at once per delta (see `delta.apply`).
 
         Every artifact's bytes are checked against their manifest's sha256, every
         reconstructed version against its manifest's weights checksum, and a delta's own
@@ -442,7 +440,7 @@ class CheckpointStore:
             else:
                 assert weights is not None
                 try:
-                    weights = self._apply_delta(event, data, weights, weights_sha, threads)
+                    weights = self._apply_delta(event, data, weights, weights_sha)
                 except CorruptArtifact:
                     # Weights taken on the caller's word that fail now: if they are not
                     # what the caller said, start over from the store; else the delta is bad.
@@ -451,7 +449,7 @@ class CheckpointStore:
                     assert have is not None
                     if deltacodec.weights_sha256(have[1]) == start_sha:
                         raise
-                    return self.materialize(model, version, threads=threads)
+                    return self.materialize(model, version)
             weights_sha = event.weights_sha256
         assert weights is not None
         return weights
@@ -462,7 +460,6 @@ class CheckpointStore:
         data: bytes,
         base: dict[str, torch.Tensor],
         base_sha: str | None,
-        threads: int,
     ) -> dict[str, torch.Tensor]:
         """`data` (the delta artifact of `event`) applied to `base`, whose checksum is
         `base_sha` when known. The delta's header must name that base checksum and the
@@ -478,7 +475,7 @@ class CheckpointStore:
         if event.weights_sha256 is not None and header.get("new_sha256") != event.weights_sha256:
             raise CorruptArtifact(f"{where}: reconstructed weights fail their checksum (the delta names another)")
         try:
-            return deltacodec.apply(base, data, verify_base=False, verify_result=True, threads=threads)
+            return deltacodec.apply(base, data, verify_base=False, verify_result=True)
         except deltacodec.DeltaError as exc:
             raise CorruptArtifact(f"{where}: {exc}") from None
 
