@@ -22,6 +22,9 @@ the line's `ts` is when the version became the one served; `/health` polls (ever
 `/metrics` at the end. Per engine, the JSON has:
 
 - `swap_pause_ms`: p50/p99/max over every swap of both replicas;
+- `batches_held_ms`: how long new batches were held off while a version materialized
+  (CPU engines, `--load-hold-max-s`); `requests.latency_s` and
+  `requests.latency_overlapping_a_swap_s` show what the hold costs the clients;
 - `weight_load_ms`: update taken -> version served (materialise + check + wait for the running
   batch + copy), p50/p99/max; `materialize_ms` its first part (fetch, delta decode, checksums);
 - `publish_to_serving_s`: produce time -> the `weights_swapped` line's ts, overall and per
@@ -105,6 +108,8 @@ class Swap:
     """Generation lock held to copy the weights in."""
     materialize_s: float | None = None
     """Update taken -> weights reconstructed and verified (fetch, delta decode, checksums)."""
+    held_ms: float | None = None
+    """New batches held off while the version was materialized (CPU engines, `load_hold_max_s`)."""
 
 
 def swaps_in(records: Iterable[dict[str, Any]]) -> list[Swap]:
@@ -116,6 +121,7 @@ def swaps_in(records: Iterable[dict[str, Any]]) -> list[Swap]:
             float(r["seconds"]),
             float(r["pause_ms"]),
             None if r.get("materialize_s") is None else float(r["materialize_s"]),
+            None if r.get("batches_held_ms") is None else float(r["batches_held_ms"]),
         )
         for r in records
         if r.get("event") == "weights_swapped"
@@ -166,6 +172,7 @@ def summarise(
         "swap_pause_ms": percentiles((s.pause_ms for s in flat), 1.0),
         "weight_load_ms": percentiles((s.seconds for s in flat), 1000.0, 1),
         "materialize_ms": percentiles((s.materialize_s for s in flat if s.materialize_s is not None), 1000.0, 1),
+        "batches_held_ms": percentiles((s.held_ms for s in flat if s.held_ms is not None), 1.0, 1),
         "weight_load_ms_by_version": {
             rid: {str(s.version): round(s.seconds * 1000.0, 1) for s in per}
             for rid, per in zip(replica_ids, mine, strict=True)
@@ -182,6 +189,8 @@ def summarise(
             "failed": len(failed),
             "overlapping_a_swap": len(during),
             "failed_overlapping_a_swap": sum(1 for o in during if not o.ok),
+            "latency_s": percentiles(o.ended - o.started for o in outcomes if o.ok),
+            "latency_overlapping_a_swap_s": percentiles(o.ended - o.started for o in during if o.ok),
             "versions_served": sorted({o.version for o in outcomes if o.ok and o.version is not None}),
             "first_errors": [o.error for o in failed[:3]],
         },
@@ -443,6 +452,7 @@ def replica_env(
         "default_max_tokens": args.max_tokens,
         "max_model_len_tokens": args.max_model_len,
         "torch_threads": args.threads,
+        "load_hold_max_s": args.load_hold_max_s,
         "log_level": "info",  # the weights_swapped lines are info
         "vllm_dtype": args.vllm_dtype,
         "vllm_enforce_eager": "true",
@@ -578,6 +588,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per transformers replica (0: one per core)")
     p.add_argument("--vllm-dtype", default="float32", help="vLLM weight dtype (float32 on CPU: swaps stay bit-exact)")
     p.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="vLLM CPU KV cache per replica, GiB")
+    p.add_argument(
+        "--load-hold-max-s",
+        type=float,
+        default=10.0,
+        help="replicas' load_hold_max_s: new batches held off while a version materializes (0: none)",
+    )
     p.add_argument("--step-lr", type=float, default=5e-5, help="every weight moves this much per version")
     p.add_argument("--start-timeout-s", type=float, default=600.0, help="longest wait for a replica to be ready")
     p.add_argument("--swap-timeout-s", type=float, default=120.0, help="longest wait for one version")
@@ -623,6 +639,7 @@ def main() -> None:
                 "versions_published": args.versions,
                 "clients": args.clients,
                 "max_tokens": args.max_tokens,
+                "load_hold_max_s": args.load_hold_max_s,
                 "engines": per_engine,
                 "tokens_per_s": tps,
                 "vllm_vs_transformers_tokens_per_s_ratio": round(tps["vllm"] / tps["transformers"], 2)

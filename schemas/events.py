@@ -30,7 +30,12 @@ orjson (a hostile 2**64 would otherwise crash whoever re-emits the event)."""
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:@/+=-]+$")]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
-TimeMs = Annotated[int, Field(ge=0, le=10**14, description="Milliseconds since the Unix epoch.")]
+MAX_TIME_MS = 4_102_444_800_000
+"""2100-01-01T00:00:00Z, the latest event time accepted. ClickHouse's TTLs compute in
+DateTime (32-bit seconds, which wraps after 2106-02-07): a later time would read as the
+1970s there and its row be deleted at the next merge, silently; refused, it goes to the
+dead-letter topic with the field named."""
+TimeMs = Annotated[int, Field(ge=0, le=MAX_TIME_MS, description="Milliseconds since the Unix epoch.")]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(max_length=MAX_TOKENS)]
 Logprobs = Annotated[list[Annotated[float, Field(le=0.0, ge=-1e4, allow_inf_nan=False)]], Field(max_length=MAX_TOKENS)]
 Metrics = Annotated[
@@ -293,6 +298,12 @@ class ReplicaStatusEvent(Event):
     traffic: Annotated[list[VersionTraffic], Field(max_length=16)] = Field(default_factory=list)
     """Per recent policy version: requests, failures and latencies since `started_ms`
     (cumulative; the canary rollout's error-rate and latency guardrails read them)."""
+    events_dropped: Annotated[
+        dict[Annotated[str, Field(max_length=32)], Annotated[int, Field(ge=0, le=MAX_SAFE_INT)]], Field(max_length=16)
+    ] = Field(default_factory=dict)
+    """Events this replica lost since `started_ms` (generations, its own status), by reason:
+    `buffer_full`, `delivery_failed`, `no_broker`, `invalid_event`, `error`, ... (cumulative;
+    the dashboard's `replica_dropping_events` alert reads the increase)."""
 
 
 class DeadLetterEvent(Event):

@@ -32,9 +32,10 @@ class RlfeedSettings(BaseSettings):
     kafka_url: str | None = None
     """`kafka://host:port[,host:port]` of a running broker; unset: the embedded broker."""
     kafka_idle_pause_ms: int = Field(250, ge=0)
-    """After a fetch that brought nothing, aiokafka consumers (the Faust worker's) wait this
-    long before the next (the embedded broker answers empty fetches at once, see
-    services/kafka/idle.py); 0: off."""
+    """Idle consumers wait this long before fetching again, so they do not spin on a broker
+    that answers empty fetches at once (the embedded one: an idle consumer took a core,
+    services/kafka/idle.py): aiokafka (the Faust worker's) after an empty fetch, librdkafka
+    ones that use `EndPauses` after reaching a partition's end. 0: off."""
     clickhouse_url: str | None = None
     """`http(s)://user:pass@host:8123/db` or `chdb:///path`; unset: chdb under home_dir."""
     topic_prefix: str = ""

@@ -73,6 +73,7 @@ def create_app(settings: StreamsSettings, bootstrap: str) -> StreamsApp:
         broker=f"kafka://{bootstrap}",
         broker_credentials=faust_credentials(settings),
         store="memory://",
+        datadir=str(settings.home_dir / "streams"),  # Faust's default is ./<app id>-data, in the cwd
         topic_partitions=1,
         web_enabled=settings.streams_web_enabled,
         web_port=settings.streams_web_port,

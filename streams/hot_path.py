@@ -52,6 +52,7 @@ from schemas.codec import MAX_MESSAGE_BYTES
 from schemas.topics import DLQ, FEEDBACK, GENERATIONS, JOIN_PARTITIONS, PREFERENCES, SAMPLES
 from services import logs
 from services.kafka.errors import is_fatal
+from services.kafka.idle import EndPauses
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.preferences.mining import PairState
@@ -170,7 +171,7 @@ class HotPath:
             "group.id": settings.group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
+            "enable.partition.eof": True,  # for EndPauses
             # range keeps partition p of both co-partitioned topics on one member
             "partition.assignment.strategy": "range",
             "session.timeout.ms": int(settings.session_timeout_s * 1000),
@@ -200,6 +201,7 @@ class HotPath:
         consumer.subscribe(
             [self.gen_topic, self.fb_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        self.pauses = EndPauses(consumer, self.settings.kafka_idle_pause_ms)
         return consumer
 
     def _renew_consumer(self, err: KafkaError) -> None:
@@ -256,7 +258,7 @@ class HotPath:
         s = self.settings
         if self.closed:
             return 0
-        msgs = self.consumer.consume(num_messages=s.batch_max_messages, timeout=s.batch_timeout_s)
+        msgs = self.pauses.consume(s.batch_max_messages, s.batch_timeout_s)
         now_s = time.monotonic()
         if not msgs and now_s - self._last_tick < s.tick_interval_s:
             return 0

@@ -251,5 +251,7 @@ def test_signmag_differences_round_trip(path: str, dtype: torch.dtype) -> None:
     base = np.random.default_rng(5).integers(0, 2**nbits - 1, d.size, dtype=np.uint64, endpoint=True).astype(u)
     data = delta._signmag_values(base, base + d)
     assert np.array_equal(delta._read_signmag(data, d.size, u, "w"), d)
-    with pytest.raises(delta.DeltaError):
-        delta._read_signmag(data[:-1], d.size, u, "w")
+    itemsize = np.dtype(u).itemsize
+    for bad in (data[:-1], data[:-itemsize], data + bytes(itemsize)):  # cut, one escape short, one extra
+        with pytest.raises(delta.DeltaError, match=r"wrong size|too short"):
+            delta._read_signmag(bad, d.size, u, "w")

@@ -151,6 +151,31 @@ def seed(client) -> None:
                 ),
             )
         )
+    # replica-b lost events during the window (a full buffer, then a restart resets its
+    # counts); replica-c lost 4, then 6 more, one minute apart; replica-a lost none.
+    for replica, ago_ms, dropped in (
+        ("replica-a", 30_000, {}),
+        ("replica-b", 50_000, {"buffer_full": 5}),
+        ("replica-b", 40_000, {"buffer_full": 12, "delivery_failed": 2}),
+        ("replica-b", 30_000, {"buffer_full": 1}),
+        ("replica-c", 180_000, {}),
+        ("replica-c", 120_000, {"delivery_failed": 4}),
+        ("replica-c", 60_000, {"delivery_failed": 10}),
+    ):
+        events.append(
+            (
+                "replica-status.v1",
+                ReplicaStatusEvent(
+                    replica_id=replica,
+                    model=MODEL,
+                    version=2 if replica == "replica-b" else 3,
+                    state="serving",
+                    engine="transformers",
+                    events_dropped=dropped,
+                    event_time_ms=now_ms - ago_ms,
+                ),
+            )
+        )
     _insert(client, events)
     ts = time.time()
     lag_rows = [
@@ -223,6 +248,10 @@ def test_panels_show_the_seeded_run(dashboard: dict) -> None:
     assert bars["replica-a"]["value"] == 3 and bars["replica-a"]["ok"]
     assert bars["replica-b"]["value"] == 2 and not bars["replica-b"]["ok"]
 
+    lost = {s["name"]: s["points"] for s in panels["events_lost"]["series"]}
+    assert [y for _, y in lost["replica-c"]] == [4, 6]  # per minute, from cumulative counts
+    assert "replica-a" not in lost
+
     completion = panels["completion_by_version"]
     fractions = {s["name"]: dict((int(x), y) for x, y in s["points"]) for s in completion["series2"]}
     assert fractions["empty"][3] == pytest.approx(1 / 3, abs=0.02)
@@ -245,7 +274,11 @@ def test_alerts_fire_for_the_seeded_faults(dashboard: dict) -> None:
         ("kl_spike", f"{MODEL}/v3"),
         ("dead_letter_spike", "all"),
         ("replica_stuck", f"{MODEL}/replica-b"),
+        ("replica_dropping_events", f"{MODEL}/replica-b"),
+        ("replica_dropping_events", f"{MODEL}/replica-c"),
     }
+    drops = next(a for a in body["firing"] if a["rule"] == "replica_dropping_events")
+    assert drops["details"]["by_reason"] == {"buffer_full": 1}  # the last count, after the restart
     recorded = {(a["rule"], a["key"]) for a in body["recent"] if a["status"] == "firing"}
     assert recorded == firing
     # A second round with nothing new records nothing more.
@@ -308,6 +341,7 @@ def test_page_in_headless_chromium(dashboard: dict) -> None:
         "throughput",
         "latency",
         "replica_versions",
+        "events_lost",
         "dead_letters",
         "consumer_lag",
         "completion_by_version",

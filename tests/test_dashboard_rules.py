@@ -12,11 +12,13 @@ from services.dashboard.alerts import (
     AlertInputs,
     LagRow,
     LatestUpdate,
+    ReplicaDrops,
     ReplicaRow,
     Tracker,
     VersionMetric,
     VersionReward,
     dead_letter_spike,
+    dropping_replicas,
     evaluate,
     kl_spikes,
     lag_over_bound,
@@ -111,6 +113,21 @@ def test_stuck_replicas() -> None:
     # A rollback to v2 makes v2 the target: the v3 replica is the stuck one.
     rollback = [LatestUpdate("m", 2, published_at_s=1000.0)]
     assert [a.key for a in stuck_replicas(rollback, replicas, 1200.0, 120.0, 600.0)] == ["m/fresh"]
+
+
+def test_dropping_replicas() -> None:
+    rows = [
+        ReplicaDrops("m", "quiet", {"buffer_full": 4}, {"buffer_full": 4}),
+        ReplicaDrops("m", "losing", {"buffer_full": 4}, {"buffer_full": 9, "error": 1}),
+        ReplicaDrops("m", "restarted", {"buffer_full": 40}, {"buffer_full": 3}),
+    ]
+    fired = dropping_replicas(rows, min_events=1)
+    assert [(a.key, a.value, a.details["by_reason"]) for a in fired] == [
+        ("m/losing", 6.0, {"buffer_full": 5, "error": 1}),
+        ("m/restarted", 3.0, {"buffer_full": 3}),  # counts from zero after a restart
+    ]
+    assert [a.key for a in dropping_replicas(rows, min_events=5)] == ["m/losing"]
+    assert dropping_replicas(rows, min_events=7) == []
 
 
 def test_evaluate_and_tracker_transitions() -> None:

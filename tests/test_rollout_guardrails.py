@@ -101,6 +101,22 @@ def test_version_traffic_counter_reports_valid_status_fields() -> None:
     assert decode(ReplicaStatusEvent, encode(ev)) == ev
 
 
+def test_version_traffic_counter_keeps_a_stable_version_while_candidates_come_and_go() -> None:
+    """The stable version keeps answering while newer candidates are tried and dropped:
+    its counters stay (evicting the lowest version dropped them, and the next answer on
+    it raised KeyError inside emit_generation, losing the generation event: CI, demo)."""
+    c = VersionTrafficCounter(keep_versions=3)
+    for candidate in range(16, 30):
+        c.ran(15, 2)
+        c.answered(15, 100.0)
+        c.ran(candidate, 1)
+        c.answered(candidate, 90.0)
+    snap = {t["version"]: t for t in c.snapshot()}
+    assert 15 in snap and len(snap) == 3
+    assert snap[15]["requests"] == 28 and latency.total(snap[15]["latency_ms_buckets"]) == 14
+    assert [t["version"] for t in c.snapshot()] == sorted(snap)  # oldest version first
+
+
 # --- the pure rules ---------------------------------------------------------------------
 def arm(requests: int = 100, failures: int = 0, p95: float = 100.0, latency_n: int = 100) -> ArmCounts:
     return ArmCounts(

@@ -28,6 +28,7 @@ from schemas import fast
 from schemas.codec import InvalidEvent, decode, encode
 from schemas.events import (
     MAX_SAFE_INT,
+    MAX_TIME_MS,
     DeadLetterEvent,
     Event,
     FeedbackEvent,
@@ -68,8 +69,9 @@ json_junk = st.one_of(
             2**53,
             2**63,
             2**64,
+            MAX_TIME_MS,
+            MAX_TIME_MS + 1,
             10**14,
-            10**14 + 1,
             1.0,
             -1.0,
             0.5,
@@ -104,7 +106,7 @@ def generation_dicts(draw: st.DrawFn) -> dict:
     optional = {
         "schema_version": st.just(1),
         "event_id": ids,
-        "event_time_ms": st.integers(0, 10**14),
+        "event_time_ms": st.integers(0, MAX_TIME_MS),
         "tenant_id": ids,
         "sampling": st.fixed_dictionaries(
             {},
@@ -146,7 +148,7 @@ def feedback_dicts(draw: st.DrawFn) -> dict:
     optional = {
         "schema_version": st.just(1),
         "event_id": ids,
-        "event_time_ms": st.integers(0, 10**14),
+        "event_time_ms": st.integers(0, MAX_TIME_MS),
         "tenant_id": ids,
         "session_id": st.one_of(st.none(), ids),
     }
@@ -420,6 +422,7 @@ def _examples() -> dict[str, list[Event]]:
                 url="http://127.0.0.1:8101",
                 error="out of memory",
                 requests_total=7,
+                events_dropped={"buffer_full": 3, "error": 1},
             ),
         ],
         "dlq.v1": [
@@ -517,7 +520,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("feedback.v1", {"surprise": 1}),  # extra="forbid"
     ("feedback.v1", {"schema_version": 2}),
     ("feedback.v1", {"event_time_ms": -1}),
-    ("feedback.v1", {"event_time_ms": 10**14 + 1}),
+    ("feedback.v1", {"event_time_ms": MAX_TIME_MS + 1}),  # ClickHouse TTLs wrap after 2106
     ("feedback.v1", {"value": 1e400}),  # inf through JSON
     ("generations.v1", {"completion_logprobs": [-0.5]}),  # length must match the token ids
     ("generations.v1", {"completion_logprobs": [-0.5, 0.5]}),  # a logprob above 0

@@ -13,7 +13,7 @@ import pytest
 
 from schemas.events import GenerationEvent, ReplicaStatusEvent
 from schemas.topics import GENERATIONS, REPLICA_STATUS
-from tests.test_serving_support import consume
+from tests.test_serving_support import consume, wait_for
 
 MODEL = "tiny-policy"
 
@@ -170,3 +170,30 @@ def test_generation_events_reach_kafka(client: openai.OpenAI, server, kafka_boot
     assert any(s.state == "serving" and s.version == 0 for s in statuses)
     health = httpx.get(server.base_url.removesuffix("/v1") + "/health", timeout=30).json()
     assert health["status"] == "ok" and health["events"]["dropped"] == {}
+
+
+def test_an_event_lost_to_a_bug_is_counted_and_reported(
+    client: openai.OpenAI, server, kafka_bootstrap: str, module_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bookkeeping after a response never raises into the void: an exception before the
+    generation event is handed over is logged, counted as a lost event (reason `error`),
+    shown on /metrics and reported on replica-status.v1 (the dashboard's alert reads it)."""
+    replica = server.replica
+
+    def broken(ev: GenerationEvent) -> None:
+        raise KeyError(ev.policy_version)
+
+    monkeypatch.setattr(replica, "emit_generation", broken)
+    r = client.completions.create(model=MODEL, prompt="lost event", max_tokens=3)
+    assert r.choices[0].text is not None  # the user got the answer
+    wait_for(lambda: replica.sink.dropped_by_reason().get("error") == 1, 30, "the lost event to be counted")
+    metrics = httpx.get(server.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+    assert 'rlfeed_serving_events_dropped{reason="error"} 1.0' in metrics
+    replica.report()
+    statuses = consume(
+        kafka_bootstrap,
+        REPLICA_STATUS.full_name(module_prefix),
+        ReplicaStatusEvent,
+        lambda evs: any(e.events_dropped.get("error") == 1 for e in evs),
+    )
+    assert any(e.replica_id == "api-test" and e.events_dropped == {"error": 1} for e in statuses)

@@ -5,6 +5,7 @@ is applied, and a replica started later catches up from the compacted topic."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -90,6 +91,24 @@ def test_hot_swap_corrupt_update_rollback_and_catch_up(
                     errors.append(exc)
                     return
 
+        # Batches held off while the version loads (CPU engine): the load is stretched by
+        # 0.6 s so that, under this load, batches would start inside it without the hold.
+        engine, loading, batch_starts = srv.replica.engine, [], []
+        materialize, run_batch = srv.replica.store.materialize, engine._run_batch
+
+        def slow_materialize(*args, **kwargs):
+            started = time.monotonic()
+            weights = materialize(*args, **kwargs)
+            time.sleep(0.6)
+            loading.append((started, time.monotonic()))
+            return weights
+
+        def timed_batch(batch):
+            batch_starts.append(time.monotonic())
+            return run_batch(batch)
+
+        srv.replica.store.materialize = slow_materialize
+        engine._run_batch = timed_batch
         threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
@@ -105,6 +124,10 @@ def test_hot_swap_corrupt_update_rollback_and_catch_up(
                 t.join(60)
         assert not errors, errors
         assert {v for _, v in results} == {0, 1}
+        (began, ended), *_ = loading
+        assert not [t for t in batch_starts if began < t < ended], "a batch started while the version loaded"
+        assert [t for t in batch_starts if t > ended], "no batch after the load"
+        del srv.replica.store.materialize, engine._run_batch
         sd = srv.replica.engine.model.state_dict()
         assert all(torch.equal(sd[k], v1[k]) for k in v1)  # bit-exact
         r = client.completions.create(model=MODEL, prompt="after", max_tokens=2)
@@ -161,3 +184,20 @@ def test_hot_swap_corrupt_update_rollback_and_catch_up(
     mine = [s for s in statuses if s.replica_id == "swap-a"]
     assert {s.version for s in mine if s.state == "serving"} >= {0, 1}
     assert any(s.state == "error" and s.version == 1 and "version 2" in (s.error or "") for s in mine)
+
+
+def test_the_transformers_engine_refuses_non_finite_weights(tiny_model_dir: Path) -> None:
+    import torch
+
+    from services.serving.engines.transformers import TransformersEngine
+    from services.serving.settings import ServingSettings
+
+    engine = TransformersEngine(ServingSettings(model_dir=tiny_model_dir, model_name=MODEL))
+    before = {k: v.clone() for k, v in engine.state_dict().items()}
+    name = next(k for k, v in before.items() if v.is_floating_point())
+    for bad in (float("nan"), float("inf")):
+        weights = dict(before, **{name: before[name].clone().fill_(bad)})
+        with pytest.raises(ValueError, match=f"{name}: contains NaN or infinite values"):
+            engine.swap_weights(7, weights)
+    assert engine.version == 0
+    assert all(torch.equal(v, before[k]) for k, v in engine.state_dict().items())

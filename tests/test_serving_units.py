@@ -274,3 +274,22 @@ def test_settings_import_does_not_import_torch() -> None:
     code = "import sys, services.serving.settings, services.serving.params; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_first_non_finite_names_the_tensor_and_trusts_no_overflowing_sum() -> None:
+    import torch
+
+    from services.serving.weights import first_non_finite
+
+    ok = {"a": torch.randn(64), "b": torch.randn(8, 8).bfloat16(), "ids": torch.arange(4), "empty": torch.empty(0)}
+    assert first_non_finite(ok) is None
+    # every element finite, their sum overflows to inf (fp32 max 3.4e38): still finite
+    assert first_non_finite({"big": torch.full((4,), 3e38)}) is None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            t = torch.zeros(100, dtype=dtype)
+            t[37] = bad
+            assert first_non_finite({**ok, "w": t}) == "w"
+    both = torch.zeros(10)
+    both[1], both[2] = float("inf"), float("-inf")  # the sum is NaN
+    assert first_non_finite({"x": both}) == "x"

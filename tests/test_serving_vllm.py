@@ -171,34 +171,20 @@ class _ArmEngine:
 
     @staticmethod
     def make(hold_ms: float, *, switch_costs: bool) -> Any:
-        from services.serving.engines.base import Engine
+        from tests.test_serving_support import FakeEngine
 
-        class Fake(Engine):
-            name = "fake"
-
+        class Fake(FakeEngine):
             def __init__(self) -> None:
-                super().__init__(model_name="m", max_batch_size=2, batch_wait_ms=0.0, arm_switch_hold_ms=hold_ms)
+                super().__init__(max_batch_size=2, arm_switch_hold_ms=hold_ms)
                 self.candidate_version = 1
                 self.loaded = False
                 self.batches: list[tuple[bool, int]] = []
-
-            tokenizer = None  # type: ignore[assignment]
-            max_model_len = 64  # type: ignore[assignment]
 
             def _run_batch(self, batch: list[Job]) -> None:
                 self.batches.append((self._arm(batch[0]), len(batch)))
                 assert len({self._arm(j) for j in batch}) == 1, "a batch mixed the arms"
                 for job in batch:
                     job.finish("length")
-
-            def state_dict(self) -> dict[str, Any]:
-                return {}
-
-            def _check_weights(self, state_dict: dict[str, Any]) -> None:
-                pass
-
-            def _load_weights(self, state_dict: dict[str, Any]) -> None:
-                pass
 
             def _loaded_arm(self) -> bool | None:
                 return self.loaded if switch_costs else None

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from schemas.events import MAX_TIME_MS
 from services.sink.rows import INSERT_FORMAT, SPECS, TableSpec, json_columns
 from tests.test_sink_poll_units import _sink
 
@@ -31,7 +32,7 @@ TRICKY_STRINGS = [
     "a" * 3000,
 ]
 TRICKY_FLOATS = [0.0, -0.0, 5e-324, -5e-324, 1.7976931348623157e308, -1e-300, 0.1, 1 / 3, 2.5, -123456.789e10]
-TRICKY_MS = [0, 1, 999, 1_000, 1_700_000_000_123, 99_999_999_999_999, 10**14]
+TRICKY_MS = [0, 1, 999, 1_000, 1_700_000_000_123, MAX_TIME_MS - 1, MAX_TIME_MS]
 SAFE_INT = 2**53 - 1
 NOW_MS = time.time_ns() // 1_000_000
 
@@ -49,9 +50,8 @@ def _value(ch_type: str, rng: random.Random) -> object:
             chr(rng.choice([rng.randrange(0x20), rng.randrange(0x80), rng.randrange(0xD800)])) for _ in range(12)
         )
     if ch_type.startswith("DateTime64"):
-        # The tables' TTLs drop old times, and times after 2106 (toDateTime wraps), in
-        # both inserts alike; an insert may touch at most 100 monthly partitions: mostly
-        # times of the next five years.
+        # The tables' TTLs drop old times in both inserts alike; an insert may touch at
+        # most 100 monthly partitions: mostly times of the next five years.
         return rng.choice(TRICKY_MS) if rng.random() < 0.2 else rng.randrange(NOW_MS, NOW_MS + 5 * 365 * 86_400_000)
     if ch_type in ("UInt8",):
         return rng.randrange(2)
@@ -65,8 +65,9 @@ def _value(ch_type: str, rng: random.Random) -> object:
         return rng.choice([0.0, 1.0, 10.0, rng.random(), rng.random() * 10])
     if ch_type == "Float64":
         return rng.choice(TRICKY_FLOATS) if rng.random() < 0.4 else rng.uniform(-1e6, 1e6)
-    if ch_type.startswith("Map("):
-        return {rng.choice(TRICKY_STRINGS[:7]) + str(i): rng.choice(TRICKY_FLOATS) for i in range(rng.randrange(4))}
+    if ch_type.startswith("Map("):  # Map(LowCardinality(String), <value type>)
+        value_type = ch_type[len("Map(") : -1].split(", ", 1)[1]
+        return {rng.choice(TRICKY_STRINGS[:7]) + str(i): _value(value_type, rng) for i in range(rng.randrange(4))}
     raise AssertionError(f"no generator for {ch_type}")
 
 

@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from schemas.codec import encode
+from services.kafka.idle import EndPauses
 from services.sink import worker
 from services.sink.rows import SPECS
 from services.sink.settings import SinkSettings
@@ -61,6 +62,7 @@ def _sink(batches: list[list[_Msg]]) -> tuple[worker.Sink, _Producer]:
     sink.prefix = PREFIX
     sink.stats = worker.SinkStats()
     sink.consumer = _Consumer(batches)
+    sink.pauses = EndPauses(sink.consumer, 0)
     sink.producer = _Producer()
     sink._routes = {}
     sink._specs = {spec.table: spec for spec in SPECS.values()}

@@ -79,15 +79,9 @@ def _sha(model: torch.nn.Module) -> str:
     return delta.weights_sha256(policy.copy_weights(model))
 
 
-def test_running_trainer_follows_rollbacks(tmp_path, tiny_model_dir, kafka_bootstrap, topic_prefix) -> None:
-    """`rlfeed rollback` and a rollout's rollback, through the real broker: the trainer
-    reloads the served version and publishes its children; a restart keeps following."""
-    from confluent_kafka import Producer
-
-    from services.kafka.producers import producer_config
-    from services.trainer.loop import Trainer, rollback_event
-
-    s = TrainerSettings(
+def _settings(tmp_path, tiny_model_dir, topic_prefix: str) -> TrainerSettings:
+    """A trainer that publishes every 2 steps of 4 samples, ungated."""
+    return TrainerSettings(
         _env_file=None,
         home_dir=tmp_path / "home",
         topic_prefix=topic_prefix,
@@ -102,6 +96,17 @@ def test_running_trainer_follows_rollbacks(tmp_path, tiny_model_dir, kafka_boots
         gate_enabled=False,
         lr=1e-2,
     )
+
+
+def test_running_trainer_follows_rollbacks(tmp_path, tiny_model_dir, kafka_bootstrap, topic_prefix) -> None:
+    """`rlfeed rollback` and a rollout's rollback, through the real broker: the trainer
+    reloads the served version and publishes its children; a restart keeps following."""
+    from confluent_kafka import Producer
+
+    from services.kafka.producers import producer_config
+    from services.trainer.loop import Trainer, rollback_event
+
+    s = _settings(tmp_path, tiny_model_dir, topic_prefix)
     samples_topic = SAMPLES.full_name(topic_prefix)
     producer = Producer(producer_config(kafka_bootstrap))
 
@@ -162,3 +167,66 @@ def test_running_trainer_follows_rollbacks(tmp_path, tiny_model_dir, kafka_boots
         assert third.meta.published_version == 2 and third.stats["rollbacks_followed"] == 0
     finally:
         third.run(max_steps=0, idle_exit_s=0.0)
+
+
+def test_a_rollback_during_a_publish_supersedes_it(tmp_path, tiny_model_dir, kafka_bootstrap, topic_prefix) -> None:
+    """The race a background publish opens: an operator rolls back to 1 while the trainer
+    gates version 3 (a child of 2), and 3 lands after the rollback. Replicas follow the
+    topic's latest event, so 3 would undo the rollback; the trainer publishes the rollback
+    to 1 again after it, and builds on 1."""
+    from confluent_kafka import Producer
+
+    from services.kafka.producers import producer_config
+    from services.trainer.loop import Trainer, rollback_event
+    from tests.test_serving_support import consume
+
+    s = _settings(tmp_path, tiny_model_dir, topic_prefix)
+    samples_topic = SAMPLES.full_name(topic_prefix)
+    updates_topic = MODEL_UPDATES.full_name(topic_prefix)
+    trainer = Trainer(s, kafka_bootstrap)
+    store = trainer.store
+    publish = trainer._gate_and_publish
+    gating, go = threading.Event(), threading.Event()
+
+    def slow_gate(job):  # the publisher thread holds version 3 until the rollback is out
+        if job.parent_version == 2:
+            gating.set()
+            assert go.wait(60)
+        return publish(job)
+
+    trainer._gate_and_publish = slow_gate
+    thread = threading.Thread(target=trainer.run, daemon=True)
+    thread.start()
+    try:
+        for seed, version in ((1, 1), (2, 2)):
+            produce(kafka_bootstrap, samples_topic, make_samples(8, seed=seed))
+            _wait(lambda v=version: store.latest_version(MODEL) == v, f"version {version}")
+        produce(kafka_bootstrap, samples_topic, make_samples(8, seed=3))
+        _wait(gating.is_set, "the publish of version 3 to start")
+        producer = Producer(producer_config(kafka_bootstrap))
+        rollback = rollback_event(store, MODEL, 1)
+        producer.produce(updates_topic, encode(rollback), key=key_of(rollback, MODEL_UPDATES.key))
+        assert producer.flush(30) == 0
+        time.sleep(0.05)  # version 3's event time comes after the rollback's
+        go.set()
+        _wait(lambda: trainer.meta.counters.get("rollbacks_followed") == 1, "the rollback to 1")
+        assert store.latest_version(MODEL) == 3 and store.manifest(MODEL, 3).parent_version == 2
+        assert trainer.meta.counters.get("publishes_superseded") == 1
+        assert trainer.meta.published_version == 1
+        assert _sha(trainer.model) == delta.weights_sha256(store.materialize(MODEL, 1))
+        events = consume(
+            kafka_bootstrap, updates_topic, ModelUpdateEvent, lambda evs: len(evs) >= 5 and evs[-1].version == 1
+        )
+        # 1, 2, the operator's rollback to 1, 3 (landed after it), the rollback to 1 again
+        assert [(e.version, e.rollback) for e in events[1:]] == [
+            (1, False),
+            (2, False),
+            (1, True),
+            (3, False),
+            (1, True),
+        ]
+    finally:
+        go.set()
+        trainer.stop.set()
+        thread.join(60)
+    assert not thread.is_alive()

@@ -299,14 +299,17 @@ def _class_gather(
         ptr[c] += 1
 
 
-def _signmag_decode(signs: np.ndarray, small: np.ndarray, big: np.ndarray, out: np.ndarray) -> None:
+def _signmag_decode(signs: np.ndarray, small: np.ndarray, big: np.ndarray, out: np.ndarray) -> int:
     """`_read_signmag`'s differences in one pass: `out` (signed, element-sized) gets
     +-(byte + 1), or +-(the next of `big` + 1) where the byte is 255, negative where the
-    element's packed sign bit is set. Stores wrap (|d| = 2**(bits-1) included)."""
+    element's packed sign bit is set. Stores wrap (|d| = 2**(bits-1) included). Returns
+    how many of `big` it used, or -1 when there were too few (the payload is bad)."""
     e = 0
     for p in range(small.size):
         s = small[p]
         if s == 255:
+            if e >= big.size:
+                return -1
             m = big[e] + 1
             e += 1
         else:
@@ -315,6 +318,7 @@ def _signmag_decode(signs: np.ndarray, small: np.ndarray, big: np.ndarray, out: 
             out[p] = -m
         else:
             out[p] = m
+    return e
 
 
 def _kernels() -> tuple[Callable[..., Any], ...] | None:
@@ -667,16 +671,20 @@ def _read_signmag(data: bytes, count: int, u: type, name: str) -> np.ndarray:
     if len(data) < n_sign + count:
         raise DeltaError(f"{name}: ricesm payload too short")
     small = np.frombuffer(data[n_sign : n_sign + count], np.uint8)
-    esc = np.flatnonzero(small == 255)
-    if len(data) != n_sign + count + esc.size * itemsize:
-        raise DeltaError(f"{name}: ricesm payload has the wrong size")
+    wrong_size = DeltaError(f"{name}: ricesm payload has the wrong size")
+    if (len(data) - n_sign - count) % itemsize:
+        raise wrong_size
     signed = np.dtype(f"i{itemsize}")
     kernels = _kernels()
-    if kernels is not None:
+    if kernels is not None:  # the kernel counts the escapes as it goes: no scan for them first
         big = _unshuffle(data[n_sign + count :], itemsize).view(signed)
         out = np.empty(count, dtype=signed)
-        kernels[3](np.frombuffer(data[:n_sign], np.uint8), small, big, out)
+        if kernels[3](np.frombuffer(data[:n_sign], np.uint8), small, big, out) != big.size:
+            raise wrong_size
         return out.view(u)
+    esc = np.flatnonzero(small == 255)
+    if len(data) != n_sign + count + esc.size * itemsize:
+        raise wrong_size
     d = small.astype(signed)
     if esc.size:
         d[esc] = _unshuffle(data[n_sign + count :], itemsize).view(signed)

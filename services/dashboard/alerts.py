@@ -12,6 +12,7 @@ and the log; nothing here touches I/O.
 | dead_letter_spike | >= dlq_alert_min_letters in dlq_window_s and rate >= dlq_spike_factor x the baseline rate |
 | consumer_lag | one group's summed lag on one topic > lag_alert_max_messages |
 | replica_stuck | a live replica serves another version than the newest, replica_stuck_after_s after its publication |
+| replica_dropping_events | a replica lost >= replica_drop_alert_min_events events in replica_drop_window_s |
 """
 
 from __future__ import annotations
@@ -104,6 +105,16 @@ class ReplicaRow:
     version: int
     state: str
     seen_at_s: float
+
+
+@dataclass(frozen=True)
+class ReplicaDrops:
+    """A replica's cumulative lost-event counts (by reason) at the start and the end of a window."""
+
+    model: str
+    replica_id: str
+    first: dict[str, int]
+    last: dict[str, int]
 
 
 def reward_regressions(rows: Sequence[VersionReward], t_max: float, min_samples: int) -> list[Alert]:
@@ -240,6 +251,31 @@ def stuck_replicas(
     return out
 
 
+def dropping_replicas(rows: Sequence[ReplicaDrops], min_events: int) -> list[Alert]:
+    """Replicas that lost at least `min_events` events within the window. The counts are
+    cumulative since the replica started; a restart resets them, so a reason whose count
+    went down counts from zero."""
+    out = []
+    for r in rows:
+        grew = {k: n - r.first.get(k, 0) if n >= r.first.get(k, 0) else n for k, n in r.last.items()}
+        grew = {k: n for k, n in sorted(grew.items()) if n > 0}
+        total = sum(grew.values())
+        if total < min_events:
+            continue
+        reasons = ", ".join(f"{k} {n}" for k, n in grew.items())
+        out.append(
+            Alert(
+                "replica_dropping_events",
+                f"{r.model}/{r.replica_id}",
+                f"replica {r.replica_id} ({r.model}) lost {total} events ({reasons}); the loop never sees them",
+                value=float(total),
+                threshold=float(min_events),
+                details={"by_reason": grew},
+            )
+        )
+    return out
+
+
 @dataclass
 class AlertInputs:
     """Everything the rules read, gathered once per evaluation."""
@@ -252,6 +288,7 @@ class AlertInputs:
     lag: list[LagRow] = field(default_factory=list)
     latest_updates: list[LatestUpdate] = field(default_factory=list)
     replicas: list[ReplicaRow] = field(default_factory=list)
+    replica_drops: list[ReplicaDrops] = field(default_factory=list)
 
 
 def evaluate(inputs: AlertInputs, s: DashboardSettings) -> list[Alert]:
@@ -271,6 +308,7 @@ def evaluate(inputs: AlertInputs, s: DashboardSettings) -> list[Alert]:
         + stuck_replicas(
             inputs.latest_updates, inputs.replicas, inputs.now_s, s.replica_stuck_after_s, s.replica_live_s
         )
+        + dropping_replicas(inputs.replica_drops, s.replica_drop_alert_min_events)
     )
     return sorted(alerts, key=lambda a: a.ident)
 

@@ -21,12 +21,13 @@ _VIZ = {
     "throughput": "timeseries",
     "latency": "timeseries",
     "replica_versions": "bargauge",
+    "events_lost": "timeseries",
     "dead_letters": "timeseries",
     "consumer_lag": "timeseries",
     "completion_by_version": "barchart",
     "trainer_gate": "table",
 }
-_STACKED = {"feedback_mix", "dead_letters"}
+_STACKED = {"feedback_mix", "events_lost", "dead_letters"}
 
 
 def panel(q: NamedQuery, i: int) -> dict:

@@ -23,6 +23,7 @@ from services.dashboard.alerts import (
     AlertInputs,
     LagRow,
     LatestUpdate,
+    ReplicaDrops,
     ReplicaRow,
     Tracker,
     VersionMetric,
@@ -52,7 +53,11 @@ def gather(store: Store, s: DashboardSettings, lag: list[LagRow], now_s: float) 
     ) or [(0, 0)]
     latest = [LatestUpdate(m, int(v), float(at)) for m, v, at in store.rows(queries.ALERT_LATEST_UPDATES)]
     replicas = [ReplicaRow(m, r, int(v), st, float(at)) for m, r, v, st, at in store.rows(queries.ALERT_REPLICAS)]
-    return AlertInputs(now_s, rewards, kl, int(recent or 0), int(baseline or 0), lag, latest, replicas)
+    drops = [
+        ReplicaDrops(m, r, {k: int(n) for k, n in first.items()}, {k: int(n) for k, n in last.items()})
+        for m, r, first, last in store.rows(queries.ALERT_REPLICA_DROPS, {"window_s": s.replica_drop_window_s})
+    ]
+    return AlertInputs(now_s, rewards, kl, int(recent or 0), int(baseline or 0), lag, latest, replicas, drops)
 
 
 class Monitor:

@@ -178,6 +178,7 @@ def collect(store: Store, window_s: int, lag_bound: int, kl_max: float, tenant: 
         "throughput": throughput_panel,
         "latency": latency_panel,
         "replica_versions": replica_panel,
+        "events_lost": stacked_panel,
         "dead_letters": stacked_panel,
         "consumer_lag": lambda rows: lag_panel(rows, lag_bound),
         "completion_by_version": completion_panel,

@@ -115,6 +115,22 @@ ORDER BY model, replica_id""",
         "version",
     ),
     NamedQuery(
+        "events_lost",
+        "Events lost per minute by replica",
+        # Replicas report cumulative counts; a minute's loss is the rise of its largest
+        # count over the previous minute's (a restart's reset counts as no loss).
+        """SELECT minute, replica_id, lost FROM (
+    SELECT minute, replica_id,
+        greatest(total - lagInFrame(total, 1, total) OVER (PARTITION BY model, replica_id ORDER BY minute
+                                                         ROWS BETWEEN 1 PRECEDING AND CURRENT ROW), 0) AS lost
+    FROM (SELECT toStartOfMinute(event_time) AS minute, model, replica_id,
+              max(arraySum(mapValues(events_dropped))) AS total
+          FROM replica_status WHERE {time_filter} GROUP BY minute, model, replica_id))
+WHERE lost > 0 ORDER BY minute, replica_id""",
+        "event_time",
+        "events/min",
+    ),
+    NamedQuery(
         "dead_letters",
         "Dead letters per minute by reason",
         """SELECT minute, concat(source_topic, ': ', reason) AS reason, sum(letters) AS letters
@@ -185,6 +201,12 @@ ALERT_REPLICAS = """SELECT model, replica_id, argMax(version, event_time) AS ver
     argMax(state, event_time) AS state,
     toUnixTimestamp64Milli(max(event_time)) / 1000 AS seen_at_s
 FROM replica_latest GROUP BY model, replica_id ORDER BY model, replica_id"""
+
+ALERT_REPLICA_DROPS = """SELECT model, replica_id, argMin(events_dropped, event_time) AS first,
+    argMax(events_dropped, event_time) AS last
+FROM replica_status
+WHERE event_time >= now() - toIntervalSecond({window_s:UInt32})
+GROUP BY model, replica_id HAVING last != first ORDER BY model, replica_id"""
 
 RECENT_ALERTS = """SELECT toUnixTimestamp64Milli(ts) / 1000 AS ts, rule, key, status, severity, message, value,
     threshold

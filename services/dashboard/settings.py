@@ -62,3 +62,8 @@ class DashboardSettings(RlfeedSettings):
     version (or rollback) was published, in seconds."""
     replica_live_s: float = Field(600.0, gt=0)
     """A replica whose last status is older than this (seconds) counts as gone, not stuck."""
+    replica_drop_window_s: int = Field(600, gt=0)
+    """How far back (seconds) the `replica_dropping_events` alert compares a replica's
+    lost-event counts."""
+    replica_drop_alert_min_events: int = Field(1, ge=1)
+    """Alert when a replica lost at least this many events within `replica_drop_window_s`."""

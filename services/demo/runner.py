@@ -53,9 +53,8 @@ def run(settings: DemoSettings, print_report: bool = True) -> dict:
     try:
         # The stack owns ClickHouse and the sink; it starts the embedded broker unless
         # RLFEED_KAFKA_URL names one.
-        # The broker, sink and stream worker run at a lower priority: against the embedded
-        # broker their Kafka clients spin on empty fetches (services/kafka/idle.py), and the
-        # model processes must come first.
+        # The broker, sink and stream worker run at a lower priority: the model processes
+        # must come first (their idle consumers no longer spin: services/kafka/idle.py).
         nice = settings.demo_infra_nice
         stack_env = child_env(env, embedded_kafka_port=settings.demo_embedded_kafka_port)
         stack = Child("stack", ["up"], stack_env, logs, nice=nice)

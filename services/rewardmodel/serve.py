@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from schemas.codec import InvalidEvent, decode
 from schemas.events import ModelUpdateEvent
 from schemas.topics import MODEL_UPDATES
+from services.kafka.idle import EndPauses
 from services.kafka.security import librdkafka_config
 from services.logs import event
 from services.preferences.scoring import ScoreFn, load_published
@@ -66,12 +67,14 @@ def follow(s: RewardModelSettings, bootstrap: str, current: Current, stop: threa
             **librdkafka_config(bootstrap, s),
             "group.id": f"rlfeed-rm-serve-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,  # for EndPauses
         }
     )
     consumer.assign([TopicPartition(MODEL_UPDATES.full_name(s.topic_prefix), 0, OFFSET_BEGINNING)])
+    pauses = EndPauses(consumer, s.kafka_idle_pause_ms)
     try:
         while not stop.is_set():
-            for m in consumer.consume(100, 1.0):
+            for m in pauses.consume(100, 1.0):
                 if m.error() is not None:
                     continue
                 try:

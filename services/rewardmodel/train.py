@@ -26,6 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from schemas.codec import InvalidEvent, decode, encode, key_of
 from schemas.events import ModelUpdateEvent, PreferenceEvent
 from schemas.topics import MODEL_UPDATES, PREFERENCES
+from services.kafka.idle import EndPauses
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.logs import event
@@ -69,10 +70,11 @@ class RewardModelTrainer:
                 **librdkafka_config(bootstrap, s),
                 "group.id": f"rlfeed-rewardmodel-{s.reward_model_name}",
                 "enable.auto.commit": False,
-                "enable.partition.eof": False,
+                "enable.partition.eof": True,  # for EndPauses
             }
         )
         self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(PREFERENCES.partitions)])
+        self.pauses = EndPauses(self.consumer, s.kafka_idle_pause_ms)
         self.producer = Producer({**producer_config(bootstrap, s), "acks": "all"})
         self.invalid = 0
         self.last_train = 0.0
@@ -80,7 +82,7 @@ class RewardModelTrainer:
     def poll(self, timeout_s: float = 1.0) -> int:
         """Read what is there into the buffer; return the number of new preferences."""
         added = 0
-        for m in self.consumer.consume(1000, timeout_s):
+        for m in self.pauses.consume(1000, timeout_s):
             if m.error() is not None:
                 continue
             try:

@@ -184,7 +184,18 @@ def create_app(replica: Replica) -> FastAPI:
         )
 
     def _finished(call: Call) -> None:
-        """After the response went out: metrics and the generation event (never raises)."""
+        """After the response went out: metrics and the generation event. Never raises: it
+        runs as a background task, where an exception would only reach a log line, so an
+        event lost to a bug is counted like any other lost event (`dropped["error"]`)."""
+        try:
+            _record(call)
+        except Exception as exc:
+            log_event(
+                log, "generation_event_failed", logging.ERROR, generation_id=call.meta.generation_id, error=repr(exc)
+            )
+            replica.sink.drop("error")
+
+    def _record(call: Call) -> None:
         job = call.job
         latency_s = time.monotonic() - call.started_s
         metrics.request_latency.labels(call.endpoint).observe(latency_s)
@@ -214,7 +225,7 @@ def create_app(replica: Replica) -> FastAPI:
             log_event(
                 log, "generation_event_invalid", logging.WARNING, generation_id=call.meta.generation_id, error=str(exc)
             )
-            replica.sink.dropped["invalid_event"] += 1
+            replica.sink.drop("invalid_event")
             return
         replica.emit_generation(ev)
 
@@ -388,7 +399,7 @@ def create_app(replica: Replica) -> FastAPI:
                 "emitted": replica.sink.emitted,
                 "delivered": replica.sink.delivered,
                 "buffered": replica.sink.buffered,
-                "dropped": dict(replica.sink.dropped),
+                "dropped": replica.sink.dropped_by_reason(),
             },
         }
         return ORJSONResponse(body, status_code=200 if body["status"] == "ok" else 503)

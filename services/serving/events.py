@@ -115,7 +115,12 @@ class EventSink:
 
     @property
     def dropped_total(self) -> int:
-        return sum(self.dropped.values())
+        return sum(self.dropped_by_reason().values())
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """A copy of `dropped` (the delivery thread adds to it)."""
+        with self._lock:
+            return dict(self.dropped)
 
     @property
     def buffered(self) -> int:
@@ -129,17 +134,17 @@ class EventSink:
             key = key_of(ev, topic.key)
         except Exception:
             log.exception("event_encode_failed")
-            self._drop("encode_failed")
+            self.drop("encode_failed")
             return False
         if self._producer is None:
-            self._drop("no_broker")
+            self.drop("no_broker")
             return False
         try:
             self._producer.produce(
                 topic.full_name(self.topic_prefix), value=value, key=key, on_delivery=self._on_delivery
             )
         except BufferError:
-            self._drop("buffer_full")
+            self.drop("buffer_full")
             return False
         with self._lock:
             self.emitted += 1
@@ -159,10 +164,11 @@ class EventSink:
             self._thread.join(timeout_s)
         self._producer = None  # librdkafka's threads end when the producer is freed
         if remaining:
-            self._drop("shutdown", remaining)
+            self.drop("shutdown", remaining)
             log_event(log, "events_lost_at_shutdown", logging.WARNING, count=remaining)
 
-    def _drop(self, reason: str, n: int = 1) -> None:
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Count `n` events lost for `reason` (also for events that never reached `emit`)."""
         with self._lock:
             self.dropped[reason] += n
 
@@ -175,7 +181,7 @@ class EventSink:
             with self._lock:
                 self.delivered += 1
         else:
-            self._drop("delivery_failed")
+            self.drop("delivery_failed")
             log_event(log, "event_delivery_failed", logging.WARNING, topic=msg.topic(), error=str(err))
 
     def _on_error(self, err: Any) -> None:

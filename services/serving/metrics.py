@@ -86,21 +86,25 @@ class VersionTrafficCounter:
 
     The engine thread counts requests and failures, the event loop latencies; the
     heartbeat reports `snapshot()` on replica-status.v1 (the rollout guardrails' input).
-    Only the `keep_versions` newest versions are kept (a rollout compares two)."""
+    Only the `keep_versions` most recently counted versions are kept (a rollout compares
+    two): a stable version still serving while newer candidates come and go keeps its
+    counters (evicting by version number dropped it, and its next answer raised)."""
 
     def __init__(self, keep_versions: int = 8) -> None:
         self.keep_versions = keep_versions
         self._lock = threading.Lock()
-        self._counts: dict[int, dict[str, int]] = {}
+        self._counts: dict[int, dict[str, int]] = {}  # least recently counted first
         self._latency: dict[int, dict[str, int]] = {}
 
     def _entry(self, version: int) -> dict[str, int]:
-        entry = self._counts.get(version)
+        entry = self._counts.pop(version, None)
         if entry is None:
-            entry = self._counts[version] = {"requests": 0, "failures": 0}
+            entry = {"requests": 0, "failures": 0}
             self._latency[version] = {}
-            for old in sorted(self._counts)[: -self.keep_versions]:
-                del self._counts[old], self._latency[old]
+        self._counts[version] = entry  # now the most recent
+        while len(self._counts) > self.keep_versions:
+            old = next(iter(self._counts))
+            del self._counts[old], self._latency[old]
         return entry
 
     def ran(self, version: int, requests: int, failures: int = 0) -> None:

@@ -5,7 +5,9 @@ Hot swap, in order:
    start-up catch-up); a newer event replaces one not yet started;
 2. the loader thread materialises that version from the checkpoint store, passing the
    weights being served as `have` so a delta applies to them, with every checksum
-   verified, while the engine keeps generating;
+   verified; an engine on the GPU keeps generating meanwhile, one on the CPU finishes
+   its running batch and starts no new one until step 3 is done (at most
+   `load_hold_max_s`), so the load has the cores;
 3. the engine checks names, shapes, dtypes and finiteness, then takes its generation
    lock (between batches), copies the weights in and bumps the served version;
 4. replica-status.v1 reports the new version (or, on any failure in 2-3, the error and
@@ -28,10 +30,12 @@ failing or slow candidate is seen within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +63,8 @@ class SwapRecord:
     """Time the generation lock was held to copy the weights in (no batch runs meanwhile)."""
     load_s: float
     """Time from taking the update to serving it (materialise, check, wait for the batch, copy)."""
+    held_s: float = 0.0
+    """Time new batches were held off while the version was materialized (`load_hold_max_s`)."""
 
 
 class Replica:
@@ -101,9 +107,12 @@ class Replica:
         self.swaps: deque[SwapRecord] = deque(maxlen=1000)
         """The latest swaps, oldest first (benchmarks read pauses and serving times here)."""
         self._last_pause_s = 0.0
+        self._last_hold_s = 0.0
+        """How long the last load (materialize and swap) held new batches off (`load_hold_max_s`)."""
         self._weights_sha: dict[int, str] = {}
-        """Manifest weights checksum of the versions the engine holds (stable, candidate),
-        remembered when they were materialized: the next delta's base needs no re-hashing."""
+        """Weights checksum of the versions the engine holds (stable, candidate): their
+        manifest's, remembered when they were materialized, or computed at start for the
+        model directory's; the next delta's base needs no re-hashing."""
         engine.on_batch = self._on_batch
         self._time_weight_copies()
         m = self.metrics
@@ -122,7 +131,7 @@ class Replica:
         m.gauge("rlfeed_serving_events_buffered", "Events held in memory for the broker.", lambda: self.sink.buffered)
         m.gauge("rlfeed_serving_events_delivered", "Events the broker acknowledged.", lambda: self.sink.delivered)
         m.labelled_gauge(
-            "rlfeed_serving_events_dropped", "Events lost, by reason.", "reason", lambda: dict(self.sink.dropped)
+            "rlfeed_serving_events_dropped", "Events lost, by reason.", "reason", self.sink.dropped_by_reason
         )
 
     # --- lifecycle -----------------------------------------------------------------
@@ -149,6 +158,7 @@ class Replica:
                 on_update=self.offer_update,
                 topic=ROLLOUTS if self.settings.rollout_enabled else MODEL_UPDATES,
                 event_type=RolloutEvent if self.settings.rollout_enabled else ModelUpdateEvent,
+                idle_pause_ms=self.settings.kafka_idle_pause_ms,
             )
             self.follower.start()
         self.state = ReplicaState.SERVING
@@ -178,7 +188,7 @@ class Replica:
         self.report()
         self.sink.close(5.0)
         self.engine.close()
-        log_event(log, "replica_stopped", replica_id=self.replica_id, events_dropped=dict(self.sink.dropped))
+        log_event(log, "replica_stopped", replica_id=self.replica_id, events_dropped=self.sink.dropped_by_reason())
 
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -198,6 +208,7 @@ class Replica:
             requests_total=self.requests_total,
             started_ms=int(self.started_at * 1000),
             traffic=[VersionTraffic(**t) for t in self.traffic.snapshot()],
+            events_dropped=self.sink.dropped_by_reason(),
         )
 
     def report(self, state: ReplicaState | None = None, error: str | None = None) -> None:
@@ -219,11 +230,17 @@ class Replica:
         return interval
 
     def emit_generation(self, ev: Any) -> None:
-        """Send a GenerationEvent (never raises, never blocks); its latency counts for its version."""
-        if ev.latency_ms is not None:
-            self.traffic.answered(ev.policy_version, ev.latency_ms)
+        """Send a GenerationEvent (never blocks); its latency counts for its version. The
+        event goes out first: the answer the user saw is the record the loop learns from.
+        Raises only if the event was not handed to the sink."""
         if self.sink.emit(GENERATIONS, ev):
             self.metrics.events_emitted.labels(GENERATIONS.name).inc()
+        if ev.latency_ms is None:
+            return
+        try:
+            self.traffic.answered(ev.policy_version, ev.latency_ms)
+        except Exception as exc:  # the event is out; a counting bug must not count it as lost
+            log_event(log, "traffic_count_failed", logging.ERROR, version=ev.policy_version, error=repr(exc))
 
     def _on_batch(self, batch: list[Any], seconds: float) -> None:
         """Batch metrics, and requests and failures per version (a batch is one arm; every
@@ -271,9 +288,13 @@ class Replica:
         return self._loading or self._wanted is not None
 
     def _load_loop(self) -> None:
-        from services.checkpoints.delta import warm_up
+        from services.checkpoints.delta import warm_up, weights_sha256
 
         warm_up()  # the delta decoder's kernels, before the first update needs them
+        # The checksum of the weights served from the start (the model directory's), while
+        # idle: the first delta then needs no hashing of its base (0.44 s CPU, SmolLM2 fp32).
+        version = self.engine.version
+        self._weights_sha.setdefault(version, weights_sha256(self.engine.state_dict()))
         while True:
             with self._cv:
                 while self._wanted is None and not self._stop.is_set():
@@ -301,6 +322,19 @@ class Replica:
         self._weights_sha = known | ({version: sha} if sha else {})
         return weights
 
+    @contextlib.contextmanager
+    def _holding_batches(self) -> Iterator[None]:
+        """Hold new batches off while a version is built and put in place (CPU engines only,
+        up to `load_hold_max_s`): the cores go to the load. It covers the swap too, so the
+        batches it held do not start the moment the weights are ready and make the swap wait."""
+        hold_s = self.settings.load_hold_max_s if self.engine.generates_on_cpu else 0.0
+        started = time.monotonic()
+        try:
+            with self.engine.hold_batches(hold_s):
+                yield
+        finally:
+            self._last_hold_s = min(hold_s, time.monotonic() - started)
+
     def apply_update(self, ev: ModelUpdateEvent) -> bool:
         """Load and swap in `ev`'s version; on failure keep serving and report. True if swapped."""
         return self._load_stable(ev.version, ev.event_id, rollback=ev.rollback, kind=str(ev.artifact_kind))
@@ -324,9 +358,10 @@ class Replica:
             kind=kind,
         )
         try:
-            weights = self._materialize(version)
-            materialized_s = time.monotonic() - started
-            self.engine.swap_weights(version, weights)
+            with self._holding_batches():
+                weights = self._materialize(version)
+                materialized_s = time.monotonic() - started
+                self.engine.swap_weights(version, weights)
         except Exception as exc:
             self.last_error = f"version {version} not loaded, still serving {current}: {type(exc).__name__}: {exc}"
             self.metrics.swap_failures.inc()
@@ -336,7 +371,7 @@ class Replica:
             self.state = ReplicaState.SERVING
             return False
         seconds = time.monotonic() - started
-        self.swaps.append(SwapRecord(version, time.time(), self._last_pause_s, seconds))
+        self.swaps.append(SwapRecord(version, time.time(), self._last_pause_s, seconds, self._last_hold_s))
         self.last_error = None
         self.metrics.swaps.inc()
         self.metrics.swap_seconds.observe(seconds)
@@ -350,6 +385,7 @@ class Replica:
             seconds=round(seconds, 3),
             materialize_s=round(materialized_s, 3),
             pause_ms=round(self._last_pause_s * 1000, 3),
+            batches_held_ms=round(self._last_hold_s * 1000, 3),
         )
         self.report()
         return True
@@ -381,8 +417,8 @@ class Replica:
             log_event(log, "rollout_candidate_dropped", version=dropped, decision=str(ev.decision))
         elif want is not None and engine.candidate_version != want:
             try:
-                weights = self._materialize(want)
-                engine.set_candidate(want, weights)
+                with self._holding_batches():
+                    engine.set_candidate(want, self._materialize(want))
             except Exception as exc:
                 self.last_error = f"candidate {want} not loaded, serving {engine.version} to all: {exc}"
                 self.metrics.swap_failures.inc()

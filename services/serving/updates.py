@@ -23,6 +23,7 @@ from typing import Any
 from schemas.codec import InvalidEvent, decode
 from schemas.events import ModelUpdateEvent
 from schemas.topics import MODEL_UPDATES, Topic
+from services.kafka.idle import EndPauses
 from services.logs import event as log_event
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,11 @@ class UpdateFollower:
         on_update: Callable[[Any], None],
         topic: Topic = MODEL_UPDATES,
         event_type: type = ModelUpdateEvent,
+        idle_pause_ms: int = 0,
     ) -> None:
         self.bootstrap = bootstrap
+        self.idle_pause_ms = idle_pause_ms
+        """Pause a partition read to its end this long before fetching it again (`EndPauses`)."""
         self.topic = topic.full_name(topic_prefix)
         self.event_type = event_type
         self.model = model
@@ -104,6 +108,24 @@ class UpdateFollower:
             }
         )
 
+    def _take(self, msg: Any, backlog: list[Any]) -> None:
+        """One message: handed over once caught up, else kept in `backlog`."""
+        if msg.error() is not None:
+            log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
+            return
+        try:
+            ev = decode(self.event_type, msg.value() or b"")
+        except InvalidEvent as exc:
+            self.invalid_events += 1
+            log_event(log, "model_update_invalid", logging.WARNING, offset=msg.offset(), error=str(exc))
+            return
+        if ev.model != self.model:
+            return
+        if self.caught_up.is_set():
+            self._hand_over(ev)
+        else:
+            backlog.append(ev)
+
     def _assign(self, consumer: Any) -> int:
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
@@ -121,47 +143,26 @@ class UpdateFollower:
         return 0
 
     def _run(self) -> None:
-        from confluent_kafka import KafkaError
-
         consumer = self._consumer()
+        pauses = EndPauses(consumer, self.idle_pause_ms)
         try:
             n_parts = self._assign(consumer)
-            at_end: set[int] = set()
             backlog: list[Any] = []
             while not self._stop.is_set():
-                msg = consumer.poll(0.5)
-                if msg is None:
-                    continue
-                if msg.error() is not None:
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        at_end.add(msg.partition())
-                        if not self.caught_up.is_set() and len(at_end) >= n_parts:
-                            newest = newest_for_model(backlog, self.model)
-                            backlog.clear()
-                            self.caught_up.set()
-                            log_event(
-                                log,
-                                "model_updates_caught_up",
-                                topic=self.topic,
-                                newest=None if newest is None else newest.event_id,
-                            )
-                            if newest is not None:
-                                self._hand_over(newest)
-                    else:
-                        log_event(log, "model_updates_error", logging.WARNING, error=str(msg.error()))
-                    continue
-                try:
-                    ev = decode(self.event_type, msg.value() or b"")
-                except InvalidEvent as exc:
-                    self.invalid_events += 1
-                    log_event(log, "model_update_invalid", logging.WARNING, offset=msg.offset(), error=str(exc))
-                    continue
-                if ev.model != self.model:
-                    continue
-                if self.caught_up.is_set():
-                    self._hand_over(ev)
-                else:
-                    backlog.append(ev)
+                # One at a time: an update is handed over the moment it arrives (a batch
+                # would wait out the timeout for more).
+                for msg in pauses.consume(1, 0.1):
+                    self._take(msg, backlog)
+                if not self.caught_up.is_set() and len(pauses.ended) >= n_parts:
+                    # Every partition read to its end once: the newest of the backlog is
+                    # what serves; from here each update is handed over as it comes.
+                    newest = newest_for_model(backlog, self.model)
+                    backlog.clear()
+                    self.caught_up.set()
+                    newest_id = None if newest is None else newest.event_id
+                    log_event(log, "model_updates_caught_up", topic=self.topic, newest=newest_id)
+                    if newest is not None:
+                        self._hand_over(newest)
         except Exception:
             log.exception("model_updates_follower_crashed")
             time.sleep(0)

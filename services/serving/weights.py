@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 Spec = tuple[tuple[int, ...], str]
 """(shape, dtype name) of one tensor."""
@@ -30,3 +31,16 @@ def check_state_dict(
             raise ValueError(f"{name}: shape {tuple(shape)} differs from the served {tuple(want_shape)}")
         if dtype != want_dtype:
             raise ValueError(f"{name}: dtype {dtype} differs from the served {want_dtype}")
+
+
+def first_non_finite(state_dict: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None.
+
+    A tensor's sum is finite only if every element is (a NaN or an infinity makes it NaN
+    or infinite), and summing is ~12x cheaper than `isfinite` over every element (SmolLM2
+    fp32: 0.03 vs 0.36 s CPU, in the swap's critical path); a sum that overflows although
+    every element is finite is checked element by element."""
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(t.sum().isfinite()) and not bool(t.isfinite().all()):
+            return name
+    return None

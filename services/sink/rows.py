@@ -133,6 +133,7 @@ def replica_status_tuple(e: ReplicaStatusEvent) -> tuple:
         e.url,
         e.error,
         e.requests_total,
+        dict(e.events_dropped),
     )
 
 
@@ -309,7 +310,18 @@ SPECS: dict[str, TableSpec] = {
     ),
     "replica-status.v1": TableSpec(
         "replica_status",
-        (*BASE_COLUMNS, "replica_id", "model", "version", "state", "engine", "url", "error", "requests_total"),
+        (
+            *BASE_COLUMNS,
+            "replica_id",
+            "model",
+            "version",
+            "state",
+            "engine",
+            "url",
+            "error",
+            "requests_total",
+            "events_dropped",
+        ),
         replica_status_tuple,
     ),
     "dlq.v1": TableSpec(

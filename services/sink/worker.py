@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from schemas.codec import MAX_MESSAGE_BYTES, InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import Event
 from schemas.fast import DecodeError, counted_batch_decoder, counted_decoder, fast_decoder
 from schemas.topics import DLQ, PUBLIC_TOPICS, Topic, topic_for_name
 from services.kafka.errors import is_fatal
+from services.kafka.idle import EndPauses
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.logs import event
@@ -185,7 +186,7 @@ class Sink:
                 "group.id": f"{settings.topic_prefix}{settings.sink_group_id}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "enable.partition.eof": False,
+                "enable.partition.eof": True,  # for EndPauses
                 "session.timeout.ms": int(settings.sink_session_timeout_s * 1000),
                 "max.poll.interval.ms": int(settings.sink_max_poll_interval_s * 1000),
                 # A broker may answer one fetch with far more than fetch.max.bytes: noida-db
@@ -196,6 +197,7 @@ class Sink:
             }
         )
         consumer.subscribe([t.full_name(self.prefix) for t in PUBLIC_TOPICS])
+        self.pauses = EndPauses(consumer, settings.kafka_idle_pause_ms)
         return consumer
 
     def _renew_consumer(self) -> None:
@@ -242,7 +244,7 @@ class Sink:
 
     def _poll(self) -> _Batch | None:
         """Steps 1-2: one batch of messages, decoded into rows (None when there were none)."""
-        messages = self.consumer.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
+        messages = self.pauses.consume(self.settings.sink_batch_max_events, self.settings.sink_batch_max_wait_s)
         if not messages:
             return None
         with gc_paused():
@@ -339,8 +341,7 @@ class Sink:
             return True
         if is_fatal(err):
             self._fatal = True
-        if err.code() != KafkaError._PARTITION_EOF:
-            event(log, "consume_error", logging.WARNING, error=str(err))
+        event(log, "consume_error", logging.WARNING, error=str(err))
         return False
 
     def _decode_or_reject(self, msg: Message, route: _Route, raw: bytes, rows: list[tuple]) -> Event | None:

@@ -22,11 +22,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from schemas.codec import InvalidEvent, decode
 from schemas.events import ModelUpdateEvent, RolloutDecision, RolloutEvent
 from schemas.topics import MODEL_UPDATES, ROLLOUTS
+from services.kafka.idle import EndPauses
 from services.kafka.security import librdkafka_config
 from services.logs import event
 from services.trainer.settings import TrainerSettings
@@ -79,9 +80,10 @@ class UpdateWatcher:
                 "group.id": f"{settings.topic_prefix}{settings.trainer_group_id}-lineage",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "enable.partition.eof": False,
+                "enable.partition.eof": True,  # for EndPauses
             }
         )
+        self.pauses = EndPauses(self.consumer, settings.kafka_idle_pause_ms)
         assignment = []
         for topic in self.topics:
             meta = self.consumer.list_topics(topic, timeout=30)
@@ -92,11 +94,10 @@ class UpdateWatcher:
 
     def poll(self, timeout_s: float = 0.0, max_messages: int = 500) -> list[ModelUpdateEvent | RolloutEvent]:
         out: list[ModelUpdateEvent | RolloutEvent] = []
-        for msg in self.consumer.consume(num_messages=max_messages, timeout=timeout_s):
+        for msg in self.pauses.consume(max_messages, timeout_s):
             err = msg.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    event(log, "lineage_consume_error", logging.WARNING, error=str(err))
+                event(log, "lineage_consume_error", logging.WARNING, error=str(err))
                 continue
             kind = self.topics.get(msg.topic())
             if kind is None:

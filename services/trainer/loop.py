@@ -161,6 +161,9 @@ class Trainer:
         self.parent_version: int | None = None
         self.candidate: torch.nn.Module | None = None  # the weights being gated
         self._publishing: Future[PublishOutcome] | None = None
+        # (parent version, adopted at) before the last publish was adopted: a rollback
+        # issued while that publish was in flight is judged against it (`_follow_rollbacks`).
+        self._lineage_before_publish: tuple[int, int] | None = None
         self.last_checkpoint_at = time.monotonic()
         self.last_publish_at = time.monotonic()
         self._deferred_logged = False
@@ -515,6 +518,7 @@ class Trainer:
             )
             return None
         ev = out.event
+        self._lineage_before_publish = (m.published_version, m.lineage_since_ms)
         m.published_version = ev.version
         m.lineage_since_ms = ev.event_time_ms
         m.counters["published"] = m.counters.get("published", 0) + 1
@@ -543,14 +547,52 @@ class Trainer:
             event(log, "publish_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
 
     def _follow_rollbacks(self, events: list[ModelUpdateEvent | RolloutEvent]) -> None:
-        """Reload the served version when an event abandons the one the trainer builds on."""
+        """Reload the served version when an event abandons the one the trainer builds on.
+
+        A rollback issued while a publish was in flight (the gate takes a while) is older
+        than the version that publish adopted, so against the lineage as it stands it
+        would be history. It is judged against the lineage before that publish instead:
+        if it abandoned it, the published version is a child of the abandoned lineage
+        that landed after the rollback, and replicas following model-updates.v1 took it.
+        The trainer reloads the rolled-back version as usual (which verifies it), then
+        publishes the operator's rollback again, so the replicas go back."""
         if events:
             self._finish_publish(block=True)  # decide on the lineage as it stands once published
+        model = self.settings.model_name
         for ev in events:
             chain = lineage.ancestry(self.meta.published_version, self._parent_of)
-            target = lineage.rollback_target(ev, self.settings.model_name, chain, self.meta.lineage_since_ms)
+            target = lineage.rollback_target(ev, model, chain, self.meta.lineage_since_ms)
+            superseded = None
+            if target is None and self._lineage_before_publish is not None:
+                before, before_since_ms = self._lineage_before_publish
+                earlier = lineage.rollback_target(ev, model, lineage.ancestry(before, self._parent_of), before_since_ms)
+                if earlier is not None and ev.event_time_ms <= self.meta.lineage_since_ms:
+                    superseded, target = self.meta.published_version, earlier
+                    counters = self.meta.counters  # before the reload's checkpoint
+                    counters["publishes_superseded"] = counters.get("publishes_superseded", 0) + 1
             if target is not None:
                 self.reload(target, ev.event_time_ms, reason=type(ev).__name__)
+            if superseded is not None:
+                self._supersede_publish(ev, superseded)
+
+    def _supersede_publish(self, ev: ModelUpdateEvent | RolloutEvent, superseded: int) -> None:
+        """Published version `superseded` landed after `ev` rolled its lineage back to the
+        version just reloaded: say so, and publish an operator's rollback again (`reload`
+        verified that version; a canary rollout's rollback needs no help: the new version
+        only became its next candidate)."""
+        m = self.meta
+        event(
+            log,
+            "publish_superseded_by_rollback",
+            logging.WARNING,
+            model=self.settings.model_name,
+            version=superseded,
+            rollback_to=m.published_version,
+            cause=type(ev).__name__,
+            rollback_time_ms=ev.event_time_ms,
+        )
+        if isinstance(ev, ModelUpdateEvent):
+            self._produce_update(republished(self.store.manifest(self.settings.model_name, m.published_version)))
 
     def _parent_of(self, version: int) -> int | None:
         try:
@@ -575,6 +617,7 @@ class Trainer:
             policy.load_weights(self.parent, weights)
             self.parent_version = version
         m.published_version, m.lineage_since_ms = version, since_ms
+        self._lineage_before_publish = None
         m.steps_since_publish = m.samples_since_publish = 0
         m.counters["rollbacks_followed"] = m.counters.get("rollbacks_followed", 0) + 1
         self.stats["rollbacks_followed"] += 1
@@ -706,10 +749,14 @@ def follow(settings: TrainerSettings, group: distributed.Group) -> torch.nn.Modu
 
 def rollback_event(store: CheckpointStore, model: str, version: int) -> ModelUpdateEvent:
     """The model-updates.v1 event that republishes `version` (verified intact first)."""
+    store.materialize(model, version)  # raises CorruptArtifact when it could not be served
+    return republished(store.manifest(model, version))
+
+
+def republished(original: ModelUpdateEvent) -> ModelUpdateEvent:
+    """`original` (a version's manifest) as a rollback to it: a new event id and time."""
     from schemas.events import new_event_id, now_ms
 
-    original = store.manifest(model, version)
-    store.materialize(model, version)  # raises CorruptArtifact when it could not be served
     raw = orjson.loads(encode(original))
     raw.update(rollback=True, event_id=new_event_id(), event_time_ms=now_ms())
     return decode(ModelUpdateEvent, orjson.dumps(raw))

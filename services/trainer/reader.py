@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 
 import torch
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 
 from schemas.codec import InvalidEvent, dead_letter, decode, encode, key_of
 from schemas.events import SampleEvent
 from schemas.topics import DLQ, SAMPLES
+from services.kafka.idle import EndPauses
 from services.kafka.producers import producer_config
 from services.kafka.security import librdkafka_config
 from services.logs import event
@@ -59,10 +60,11 @@ class SampleReader:
                 "group.id": f"{settings.topic_prefix}{settings.trainer_group_id}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "enable.partition.eof": False,
+                "enable.partition.eof": True,  # for EndPauses
                 "fetch.wait.max.ms": 100,
             }
         )
+        self.pauses = EndPauses(self.consumer, settings.kafka_idle_pause_ms)
         self.producer = Producer({**producer_config(bootstrap, settings), "linger.ms": 50})
         meta = self.consumer.list_topics(self.topic, timeout=30)
         parts = meta.topics[self.topic].partitions if self.topic in meta.topics else {}
@@ -98,16 +100,13 @@ class SampleReader:
             deadline = first_at + s.trainer_batch_wait_s if first_at is not None else give_up
             if now >= deadline or (stop is not None and stop.is_set()):
                 break
-            msgs = self.consumer.consume(
-                num_messages=s.trainer_batch_size - len(batch.samples), timeout=min(0.2, deadline - now)
-            )
+            msgs = self.pauses.consume(s.trainer_batch_size - len(batch.samples), min(0.2, deadline - now))
             t0 = time.monotonic()
             consume_s += t0 - now
             for msg in msgs:
                 err = msg.error()
                 if err is not None:
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        event(log, "consume_error", logging.WARNING, error=str(err))
+                    event(log, "consume_error", logging.WARNING, error=str(err))
                     continue
                 if first_at is None:
                     first_at = time.monotonic()

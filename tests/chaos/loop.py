@@ -528,10 +528,14 @@ def run_chaos(
         report["join_settled"] = _wait(settled, 120)
 
         def sunk() -> bool:
+            # Every table: the sink reads each partition at its own pace (an idle one is
+            # paused for a while at its end), so a generation may land after its feedback.
             rows = (stack_state.read(home) or {}).get("clickhouse_rows") or {}
-            return rows.get("feedback", -1) >= len(traffic.accepted_feedback) and rows.get(
-                "samples", -1
-            ) >= outcome.get("samples_distinct", 0)
+            return (
+                rows.get("generations", -1) >= len(traffic.accepted_generations)
+                and rows.get("feedback", -1) >= len(traffic.accepted_feedback)
+                and rows.get("samples", -1) >= outcome.get("samples_distinct", 0)
+            )
 
         report["sink_settled"] = _wait(sunk, 120)
         if model_dir is not None:

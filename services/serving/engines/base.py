@@ -18,6 +18,11 @@ holds (`_loaded_arm`); with `arm_switch_hold_ms` > 0 the scheduler then keeps ba
 that arm while jobs of it wait, until the oldest job of the other arm has waited that long
 (`pick_arm`). An engine whose arms are both resident (transformers) reports none, and
 batches strictly by the oldest job.
+
+While a new version is materialized, the replica may hold new batches off for a bounded
+time (`hold_batches`): on a CPU host the running batches take the cores the loader needs
+(1.7 s of decoding took 6-10 s wall beside two generating replicas), and a held batch only
+waits, it never fails. The running batch finishes first.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +219,9 @@ class Engine(ABC):
         self._cv = threading.Condition()
         self._waiting: list[Job] = []
         self._swaps_pending = 0
+        self._holds = 0
+        self._hold_until = 0.0
+        """While `_holds` > 0, no batch starts before this `time.monotonic()` deadline."""
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -267,6 +275,11 @@ class Engine(ABC):
         (True: the candidate), else None. Read by the scheduler without the generation lock:
         a hint for batching, never for correctness."""
         return None
+
+    @property
+    def generates_on_cpu(self) -> bool:
+        """Whether generation runs on the host's CPU cores (then it competes with weight loading)."""
+        return True
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release engine resources (after `stop`)."""
@@ -322,6 +335,27 @@ class Engine(ABC):
             with self._cv:
                 self._swaps_pending -= 1
                 self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def hold_batches(self, max_s: float) -> Iterator[None]:
+        """Start no new batch inside the block, for at most `max_s` seconds from its start
+        (0: no hold). Waiting requests start as soon as the block ends or the time is up."""
+        if max_s <= 0:
+            yield
+            return
+        with self._cv:
+            self._holds += 1
+            self._hold_until = max(self._hold_until, time.monotonic() + max_s)
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._holds -= 1
+                self._cv.notify_all()
+
+    def _held_for_s(self, now: float) -> float:
+        """Seconds new batches stay held (0: not held); called with `_cv` held."""
+        return max(0.0, self._hold_until - now) if self._holds else 0.0
 
     def set_candidate(self, version: int, state_dict: dict[str, Any]) -> None:
         """Check `state_dict` and serve it as the rollout candidate `version` (replacing any other).
@@ -379,7 +413,8 @@ class Engine(ABC):
                 wait = ready_in_s(len(pool), oldest, now, self.max_batch_size, self.batch_wait_s)
                 if wait is not None and turns_in is not None:
                     wait = min(wait, turns_in)
-                if wait == 0.0 and self._swaps_pending == 0:
+                held_s = self._held_for_s(now)
+                if wait == 0.0 and self._swaps_pending == 0 and held_s == 0.0:
                     chosen = [
                         pool[i]
                         for i in select_batch(
@@ -390,7 +425,10 @@ class Engine(ABC):
                     for i in reversed(chosen):
                         del self._waiting[i]
                     return batch
-                self._cv.wait(timeout=None if wait is None or self._swaps_pending else wait)
+                if wait is None or self._swaps_pending:
+                    self._cv.wait()
+                else:
+                    self._cv.wait(timeout=max(wait, held_s))
 
     def _schedule(self) -> None:
         while True:

@@ -26,7 +26,7 @@ from services.serving.engines.sampling import (
     top_logprobs,
 )
 from services.serving.settings import ServingSettings
-from services.serving.weights import check_state_dict
+from services.serving.weights import check_state_dict, first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ class TransformersEngine(Engine):
         )
 
     @property
+    def generates_on_cpu(self) -> bool:
+        return torch.device(self.device).type == "cpu"
+
+    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
@@ -106,9 +110,9 @@ class TransformersEngine(Engine):
         current = {k: (tuple(v.shape), str(v.dtype)) for k, v in self.model.state_dict().items()}
         new = {k: (tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()}
         check_state_dict(current, new, optional=self._tied_names())
-        for name, t in state_dict.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}: contains NaN or infinite values")
+        bad = first_non_finite(state_dict)
+        if bad is not None:
+            raise ValueError(f"{bad}: contains NaN or infinite values")
 
     def _load_weights(self, state_dict: dict[str, Any]) -> None:
         with torch.no_grad():

@@ -81,7 +81,7 @@ from typing import Any, Generic, Literal, TypeVar
 from services.logs import event
 from services.serving.engines.base import Engine, Job, TokenLogprob
 from services.serving.settings import ServingSettings
-from services.serving.weights import check_state_dict
+from services.serving.weights import check_state_dict, first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,12 @@ class VllmEngine(Engine):
         )
 
     @property
+    def generates_on_cpu(self) -> bool:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+
+    @property
     def tokenizer(self) -> Any:
         return self._tokenizer
 
@@ -301,15 +307,13 @@ class VllmEngine(Engine):
             return load(self.llm.collective_rpc("rlfeed_parameters")[0])
 
     def _check_weights(self, state_dict: dict[str, Any]) -> None:
-        import torch
-
         current = {k: (tuple(v.shape), str(v.dtype)) for k, v in self._weights.items()}
         new = {k: (tuple(v.shape), str(v.dtype)) for k, v in state_dict.items()}
         tied = {"lm_head.weight"} if "lm_head.weight" not in current else set()
         check_state_dict(current, new, optional=tied)
-        for name, t in state_dict.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}: contains NaN or infinite values")
+        bad = first_non_finite(state_dict)
+        if bad is not None:
+            raise ValueError(f"{bad}: contains NaN or infinite values")
 
     def _own(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The tensors of `state_dict` that vLLM loads (the stable set's names), contiguous."""
