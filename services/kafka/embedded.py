@@ -2,7 +2,9 @@
 
 Used by `rlfeed up` and the test suite when `RLFEED_KAFKA_URL` is unset. The broker
 keeps its log under a project-local data directory, dies with its parent (so a
-kill -9 of the stack leaves no orphan), and is stopped by pid with an escalation to
+kill -9 of the stack leaves no orphan), and is stopped in two steps: its Kafka service
+is closed and saved first (`close_kafka_service`: a bare SIGINT loses the writes
+acknowledged while noida-db shuts down), then the process by pid with an escalation to
 SIGKILL, because noida-db may ignore SIGTERM for seconds.
 """
 
@@ -43,6 +45,27 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def close_kafka_service(data_dir: Path, timeout_s: float) -> bool:
+    """Ask the noida-db server on `data_dir` to close its Kafka listener and save (its
+    `stop kafka` command); False if it did not answer within `timeout_s`.
+
+    Needed before a SIGINT: on SIGINT noida-db 0.2.3 saves its state and then goes on
+    acknowledging produce requests until it exits, and those writes are gone after a
+    restart. Measured (a producer writing acks=all during the stop, 6 stops): 3-7k acked
+    writes lost per SIGINT, none after `stop kafka` (it closes the port, then saves). The
+    chaos test lost one accepted feedback event this way about one run in four."""
+    try:
+        done = subprocess.run(
+            [str(binary_path()), "stop", "kafka", "--data-dir", str(data_dir)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout_s,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 @dataclass
@@ -135,10 +158,13 @@ class EmbeddedBroker:
         raise TimeoutError(f"noida-db did not answer on {self.bootstrap} within {timeout_s} s")
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Stop the broker: SIGINT, then SIGKILL after `grace_s`."""
+        """Stop the broker without losing an acknowledged write: close and save its Kafka
+        service (`close_kafka_service`), then end the process (SIGINT, SIGKILL after
+        `grace_s`)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            close_kafka_service(self.data_dir, grace_s)
             self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(grace_s)

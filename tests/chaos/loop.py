@@ -29,7 +29,7 @@ import httpx
 import orjson
 
 from schemas.events import FeedbackEvent, GenerationEvent, now_ms
-from schemas.topics import DLQ, JOIN_PARTITIONS, SAMPLES
+from schemas.topics import DLQ, FEEDBACK, JOIN_PARTITIONS, SAMPLES
 from services.demo.children import Child, base_env, child_env
 from services.kafka.embedded import EmbeddedBroker, free_port
 from services.logs import records
@@ -378,6 +378,11 @@ class Traffic:
 
 def read_all(bootstrap: str, topic: str, partitions: int) -> list[bytes]:
     """Every value in `topic` now (up to each partition's end)."""
+    return [value for _, _, value in read_all_at(bootstrap, topic, partitions)]
+
+
+def read_all_at(bootstrap: str, topic: str, partitions: int) -> list[tuple[int, int, bytes]]:
+    """Every (partition, offset, value) in `topic` now (up to each partition's end)."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(
@@ -391,12 +396,12 @@ def read_all(bootstrap: str, topic: str, partitions: int) -> list[bytes]:
                 ends[p] = (low, high)
         consumer.assign([TopicPartition(topic, p, lo) for p, (lo, _) in ends.items()])
         pos = {p: lo - 1 for p, (lo, _) in ends.items()}
-        out: list[bytes] = []
+        out: list[tuple[int, int, bytes]] = []
         deadline = time.monotonic() + 60
         while any(pos[p] + 1 < ends[p][1] for p in ends) and time.monotonic() < deadline:
             for m in consumer.consume(1000, 0.5):
                 if m.error() is None:
-                    out.append(m.value())
+                    out.append((m.partition(), m.offset(), m.value()))
                     pos[m.partition()] = m.offset()
         return out
     finally:
@@ -424,6 +429,15 @@ def join_outcome(bootstrap: str, prefix: str, traffic: Traffic) -> dict:
             continue
     accepted = traffic.accepted_feedback
     lost = [f for f in accepted if in_samples[f] == 0 and f not in lettered]
+    lost_in_topic: dict[str, list[tuple[int, int]]] = {}
+    if lost:
+        # Where each lost event sits in feedback.v1: absent means the broker lost an
+        # acknowledged write; present means the consumers skipped it.
+        lost_in_topic = {f: [] for f in lost[:5]}
+        for part, offset, raw in read_all_at(bootstrap, FEEDBACK.full_name(prefix), JOIN_PARTITIONS):
+            fid = orjson.loads(raw).get("event_id")
+            if fid in lost_in_topic:
+                lost_in_topic[fid].append((part, offset))
     duplicated = [f for f in accepted if in_samples[f] > 1]
     return {
         "samples_distinct": len(samples),
@@ -431,6 +445,7 @@ def join_outcome(bootstrap: str, prefix: str, traffic: Traffic) -> dict:
         "feedback_dead_lettered": sum(1 for f in accepted if f in lettered and in_samples[f] == 0),
         "lost": len(lost),
         "lost_examples": lost[:5],
+        "lost_in_topic": lost_in_topic,
         "duplicated": len(duplicated),
         "duplicated_examples": duplicated[:5],
         "mine": {f for f in accepted},
@@ -565,6 +580,7 @@ def run_chaos(
         "clickhouse": ch,
         "lost": outcome.get("lost"),
         "lost_examples": outcome.get("lost_examples"),
+        "lost_in_topic": outcome.get("lost_in_topic"),
         "duplicated": outcome.get("duplicated"),
         "duplicated_in_clickhouse": sum(v["final"] - v["distinct"] for v in ch.values() if isinstance(v, dict)),
         "processes_killed": dict(loop.killed),
