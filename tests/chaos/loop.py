@@ -246,10 +246,11 @@ class ChaosLoop:
             time.sleep(0.5)
 
     def restart_broker(self, down_s: float = 2.0, kill9: bool = False) -> float:
-        """Stop the broker (SIGINT, SIGKILL after 5 s; or at once with `kill9`), leave it
-        down `down_s`, start it on the same port and data directory; seconds until it
-        answers again. (A SIGKILL can lose the writes noida-db acknowledged last: one
-        acks=all event pair in bench/chaos.py --broker-kill9.)"""
+        """Stop the broker (`EmbeddedBroker.stop`: its Kafka service closed and saved, then
+        SIGINT; or SIGKILL at once with `kill9`), leave it down `down_s`, start it on the
+        same port and data directory; seconds until it answers again. (A SIGKILL can lose
+        the writes noida-db acknowledged last: one acks=all event pair in
+        bench/chaos.py --broker-kill9.)"""
         assert self.broker is not None
         t0 = time.monotonic()
         proc = self.broker.proc
