@@ -7,6 +7,7 @@ instead of starting its own. Tests isolate themselves with a unique topic prefix
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with EmbeddedBroker(tmp_path_factory.mktemp("broker")) as broker:
         yield broker.bootstrap
+        # Clients the tests no longer reference, destroyed while their broker still answers
+        # (else librdkafka logs "Connection refused" from them at interpreter exit).
+        gc.collect()
 
 
 @pytest.fixture
