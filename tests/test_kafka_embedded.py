@@ -8,27 +8,15 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from services.kafka.embedded import EmbeddedBroker
+from tests.trainer_helpers import end_offsets
 
 PARTITIONS = 4
-
-
-def _in_topic(bootstrap: str, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex})
-    try:
-        total = 0
-        for p in range(PARTITIONS):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            total += high - low
-        return total
-    finally:
-        consumer.close()
 
 
 def test_stop_while_a_producer_writes_keeps_every_acknowledged_write(tmp_path: Path) -> None:
@@ -66,6 +54,6 @@ def test_stop_while_a_producer_writes_keeps_every_acknowledged_write(tmp_path: P
 
         broker = EmbeddedBroker(tmp_path / "broker", port=port).start()
         # At least every acknowledged write (a write whose ack was cut off may be kept too).
-        assert _in_topic(broker.bootstrap, "t") >= sum(acked)
+        assert sum(end_offsets(broker.bootstrap, "t", PARTITIONS).values()) >= sum(acked)
     finally:
         broker.stop()

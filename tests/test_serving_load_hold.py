@@ -36,46 +36,39 @@ def _job(loop: asyncio.AbstractEventLoop) -> Job:
     return Job([1, 2], GenParams(max_tokens=1), decode=lambda ids: "", loop=loop, stream=False)
 
 
-def test_no_batch_starts_inside_a_hold_and_waiting_jobs_start_when_it_ends(loop) -> None:
+@pytest.fixture
+def engine():
     engine = _Engine()
     engine.start()
-    try:
-        with engine.hold_batches(60.0):
-            job = _job(loop)
-            engine.submit(job)
-            time.sleep(0.3)
-            assert not job.done and engine.started == [] and engine.queue_depth == 1
-            released = time.monotonic()
-        wait_for(lambda: job.done, 10, "the held job")
-        assert job.finish_reason == "length" and engine.started[0] >= released
-    finally:
-        engine.stop()
+    yield engine
+    engine.stop()
 
 
-def test_a_hold_ends_after_its_bound_even_if_the_load_does_not(loop) -> None:
-    engine = _Engine()
-    engine.start()
-    try:
-        with engine.hold_batches(0.4):
-            entered = time.monotonic()
-            job = _job(loop)
-            engine.submit(job)
-            wait_for(lambda: job.done, 10, "the job after the bound")
-            assert engine.started[0] - entered >= 0.35
-    finally:
-        engine.stop()
+def test_no_batch_starts_inside_a_hold_and_waiting_jobs_start_when_it_ends(loop, engine: _Engine) -> None:
+    with engine.hold_batches(60.0):
+        job = _job(loop)
+        engine.submit(job)
+        time.sleep(0.3)
+        assert not job.done and engine.started == [] and engine.queue_depth == 1
+        released = time.monotonic()
+    wait_for(lambda: job.done, 10, "the held job")
+    assert job.finish_reason == "length" and engine.started[0] >= released
 
 
-def test_a_zero_hold_holds_nothing(loop) -> None:
-    engine = _Engine()
-    engine.start()
-    try:
-        with engine.hold_batches(0.0):
-            job = _job(loop)
-            engine.submit(job)
-            wait_for(lambda: job.done, 10, "the job")
-    finally:
-        engine.stop()
+def test_a_hold_ends_after_its_bound_even_if_the_load_does_not(loop, engine: _Engine) -> None:
+    with engine.hold_batches(0.4):
+        entered = time.monotonic()
+        job = _job(loop)
+        engine.submit(job)
+        wait_for(lambda: job.done, 10, "the job after the bound")
+        assert engine.started[0] - entered >= 0.35
+
+
+def test_a_zero_hold_holds_nothing(loop, engine: _Engine) -> None:
+    with engine.hold_batches(0.0):
+        job = _job(loop)
+        engine.submit(job)
+        wait_for(lambda: job.done, 10, "the job")
 
 
 class _SlowStore:
